@@ -1,0 +1,41 @@
+# The one place for commands. `make demo` and `make test` build .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Prefer a working Python 3.12 (the LSST middleware needs it), else python3.
+BOOT_PY := $(shell for c in $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12.*/bin/python3.12 2>/dev/null) python3.12 python3; do \
+	if $$c --version >/dev/null 2>&1; then echo $$c; break; fi; done)
+PYTEST_ARGS ?=
+
+.PHONY: env demo test test-all bench lint format clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(BOOT_PY) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dask,bench]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/jaxdiff demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -n 2 -m "" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check jaxdiff tests benchmarks
+	$(VENV)/bin/ruff format --check jaxdiff tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format jaxdiff tests benchmarks
+	$(VENV)/bin/ruff check --fix jaxdiff tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo_output benchmarks/results

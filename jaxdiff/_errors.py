@@ -1,0 +1,51 @@
+"""Domain exceptions and the status codes returned by the traced core."""
+
+import enum
+
+
+class UnsupportedModeError(ValueError, RuntimeError):
+    """`config.mode` is not one of the allowed values."""
+
+
+class NoWorkFound(RuntimeError):
+    """Not enough of the science image is covered by the template to do anything useful."""
+
+
+class InsufficientKernelSourcesError(RuntimeError):
+    """Fewer usable kernel stars than `config.min_kernel_sources`."""
+
+    def __init__(self, n_sources: int, n_required: int):
+        self.n_sources = int(n_sources)
+        self.n_required = int(n_required)
+        super().__init__(
+            f"only {self.n_sources} usable kernel sources, {self.n_required} required (sources must lie "
+            "inside the stamp box and be free of excluded mask planes and non-finite pixels)"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.n_sources, self.n_required))
+
+
+class NoKernelCandidatesError(RuntimeError):
+    """No kernel stamp survived the rejection loop."""
+
+
+class RESULTS(enum.IntEnum):
+    """Status of the traced core; the shell turns a failure into an exception."""
+
+    successful = 0
+    insufficient_sources = 1
+    no_candidates = 2
+    nonfinite_solution = 3
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    RESULTS.successful: "success",
+    RESULTS.insufficient_sources: "too few usable kernel sources",
+    RESULTS.no_candidates: "no kernel candidate survived rejection",
+    RESULTS.nonfinite_solution: "the kernel solution is not finite",
+}

@@ -1,0 +1,232 @@
+"""PSF models: abstract `Psf`, `ImagePsf`, `GaussianPsf`, and the spatially varying `GridPsf`."""
+
+import abc
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ._types import Array, Float, Kernel, Scalar
+
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def gaussian_image(sigma_x, sigma_y, size: int, dx=0.0, dy=0.0, dtype=None) -> Kernel:
+    """A unit-sum Gaussian sampled at pixel centres on a size × size grid, centred at (h + dx, h + dy)."""
+    h = (size - 1) / 2
+    dtype = dtype or jnp.result_type(float)
+    off = jnp.arange(size, dtype=dtype) - h
+    gx = jnp.exp(-0.5 * ((off - dx) / sigma_x) ** 2)
+    gy = jnp.exp(-0.5 * ((off - dy) / sigma_y) ** 2)
+    img = gy[:, None] * gx[None, :]
+    return img / jnp.sum(img)
+
+
+def adaptive_moments(image: Kernel, n_iter: int = 40) -> tuple[Scalar, Scalar]:
+    """Adaptive (Gaussian-weighted, iterated) second moments Ixx, Iyy of a PSF image.
+
+    The weight's covariance is iterated to twice the weighted moments; at the fixed point it
+    equals the covariance of a Gaussian PSF (as LSST's `computeShape` / HSM adaptive moments).
+
+    Arguments:
+        image: the PSF image, odd-sized and centred.
+        n_iter: iterations (static); 40 converge to float64 precision for well-sampled PSFs.
+
+    Returns:
+        (Ixx, Iyy) in pixels², NaN when the iteration fails (e.g. an empty image).
+    """
+    ny, nx = image.shape
+    dtype = jnp.result_type(image.dtype, jnp.float32)
+    img = image.astype(dtype)
+    yy, xx = jnp.meshgrid(
+        jnp.arange(ny, dtype=dtype) - (ny - 1) / 2, jnp.arange(nx, dtype=dtype) - (nx - 1) / 2, indexing="ij"
+    )
+    total = jnp.sum(img)
+    safe_total = jnp.where(total != 0, total, 1.0)
+    ixx0 = jnp.sum(img * xx**2) / safe_total
+    iyy0 = jnp.sum(img * yy**2) / safe_total
+    start = jnp.stack([0.0 * ixx0, 0.0 * ixx0, jnp.clip(ixx0, 0.25, None), 0.0 * ixx0, jnp.clip(iyy0, 0.25, None)])
+
+    def body(_, state):
+        cx, cy, wxx, wxy, wyy = state
+        det = wxx * wyy - wxy**2
+        dx, dy = xx - cx, yy - cy
+        q = (wyy * dx**2 - 2 * wxy * dx * dy + wxx * dy**2) / det
+        w = img * jnp.exp(-0.5 * q)
+        s = jnp.sum(w)
+        mx = jnp.sum(w * xx) / s
+        my = jnp.sum(w * yy) / s
+        dx, dy = xx - mx, yy - my
+        mxx = jnp.sum(w * dx**2) / s
+        mxy = jnp.sum(w * dx * dy) / s
+        myy = jnp.sum(w * dy**2) / s
+        return jnp.stack([mx, my, 2 * mxx, 2 * mxy, 2 * myy])
+
+    state = lax.fori_loop(0, n_iter, body, start)
+    ixx, iyy = state[2], state[4]
+    ok = jnp.isfinite(ixx) & jnp.isfinite(iyy) & (ixx > 0) & (iyy > 0)
+    return jnp.where(ok, ixx, jnp.nan), jnp.where(ok, iyy, jnp.nan)
+
+
+class Psf(eqx.Module):
+    """Base of PSF models: a normalised, odd-sized kernel image at any position."""
+
+    @abc.abstractmethod
+    def image(self, x=None, y=None) -> Kernel:
+        """The unit-sum PSF image at parent position (x, y) (the model's centre when omitted)."""
+
+    def sigma_xy(self, x=None, y=None) -> tuple[Scalar, Scalar]:
+        """Gaussian-equivalent widths (√Ixx, √Iyy) in pixels from adaptive second moments."""
+        ixx, iyy = adaptive_moments(self.image(x, y))
+        return jnp.sqrt(ixx), jnp.sqrt(iyy)
+
+    def sigma(self, x=None, y=None) -> Scalar:
+        """Gaussian-equivalent width in pixels, √((Ixx + Iyy)/2)."""
+        sx, sy = self.sigma_xy(x, y)
+        return jnp.sqrt(0.5 * (sx**2 + sy**2))
+
+    def fwhm(self, x=None, y=None) -> Scalar:
+        """Full width at half maximum in pixels, 2√(2 ln 2)·sigma."""
+        return FWHM_PER_SIGMA * self.sigma(x, y)
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Side of the PSF image in pixels (odd)."""
+
+
+def _check_kernel_image(arr, what: str) -> None:
+    if arr.ndim < 2:
+        raise ValueError(f"{what} must be a 2-D image, got shape {tuple(arr.shape)}")
+    ny, nx = arr.shape[-2:]
+    if ny != nx or ny % 2 == 0:
+        raise ValueError(f"{what} must be square and odd-sized (centred), got shape {tuple(arr.shape)}")
+    if arr.ndim == 2 and _is_concrete(arr):
+        a = np.asarray(arr, dtype=np.float64)
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{what} of shape {a.shape} has non-finite values")
+        total = float(a.sum())
+        if abs(total - 1.0) > 1e-3:
+            raise ValueError(f"{what} must be normalised to sum 1 (got sum {total:.6g}); divide it by its sum")
+
+
+class ImagePsf(Psf):
+    """A constant PSF given as an image (odd-sized, centred, unit sum).
+
+    Arguments:
+        array: the PSF image, shape (k, k) with k odd.
+    """
+
+    array: Float[Array, "k k"]
+
+    def __init__(self, array):
+        array = jnp.asarray(array)
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            array = array.astype(jnp.float32)
+        _check_kernel_image(array, "PSF image")
+        self.array = array
+
+    def image(self, x=None, y=None) -> Kernel:
+        del x, y
+        return self.array
+
+    @property
+    def size(self) -> int:
+        return int(self.array.shape[-1])
+
+
+class GaussianPsf(Psf):
+    """A circular Gaussian PSF of width `sigma` (pixels) drawn on a `size` × `size` grid.
+
+    `width` holds sigma as a differentiable leaf (the method `sigma()` returns it).
+    """
+
+    width: Float[Array, ""]
+    _size: int = eqx.field(static=True)
+
+    def __init__(self, sigma, size: int | None = None):
+        width = jnp.asarray(sigma)
+        if not jnp.issubdtype(width.dtype, jnp.floating):
+            width = width.astype(jnp.float32)
+        if size is None:
+            if not _is_concrete(width):
+                raise ValueError("GaussianPsf needs an explicit size when sigma is traced")
+            size = 2 * int(math.ceil(4 * float(np.max(np.asarray(width))))) + 1
+        size = int(size)
+        if size % 2 == 0 or size < 3:
+            raise ValueError(f"GaussianPsf size must be odd and >= 3, got {size}")
+        if _is_concrete(width) and width.ndim == 0 and not float(width) > 0:
+            raise ValueError(f"GaussianPsf sigma must be positive, got {float(width)}")
+        self.width = width
+        self._size = size
+
+    def image(self, x=None, y=None) -> Kernel:
+        del x, y
+        return gaussian_image(self.width, self.width, self._size, dtype=self.width.dtype)
+
+    def sigma_xy(self, x=None, y=None):
+        del x, y
+        return self.width, self.width
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+
+class GridPsf(Psf):
+    """A spatially varying PSF: images at the nodes of a regular grid, bilinear in between.
+
+    Arguments:
+        images: node images, shape (gy, gx, k, k), each unit-sum, k odd.
+        box: (x_min, y_min, x_max, y_max) parent coordinates of the first and last node centres.
+    """
+
+    images: Float[Array, "gy gx k k"]
+    box: Float[Array, "4"]
+
+    def __init__(self, images, box):
+        images = jnp.asarray(images)
+        if images.ndim != 4:
+            raise ValueError(f"GridPsf images must have shape (gy, gx, k, k), got {tuple(images.shape)}")
+        _check_kernel_image(images[0, 0], "GridPsf node image")
+        self.images = images
+        self.box = jnp.asarray(box, dtype=images.dtype)
+
+    def image(self, x=None, y=None) -> Kernel:
+        gy, gx = self.images.shape[:2]
+        x0, y0, x1, y1 = self.box
+        x = 0.5 * (x0 + x1) if x is None else x
+        y = 0.5 * (y0 + y1) if y is None else y
+        fx = jnp.clip((x - x0) / jnp.where(x1 > x0, x1 - x0, 1.0) * (gx - 1), 0, gx - 1)
+        fy = jnp.clip((y - y0) / jnp.where(y1 > y0, y1 - y0, 1.0) * (gy - 1), 0, gy - 1)
+        ix = jnp.clip(jnp.floor(fx).astype(int), 0, max(gx - 2, 0))
+        iy = jnp.clip(jnp.floor(fy).astype(int), 0, max(gy - 2, 0))
+        tx, ty = fx - ix, fy - iy
+        ix1 = jnp.minimum(ix + 1, gx - 1)
+        iy1 = jnp.minimum(iy + 1, gy - 1)
+        im = self.images
+        img = (
+            (1 - tx) * (1 - ty) * im[iy, ix]
+            + tx * (1 - ty) * im[iy, ix1]
+            + (1 - tx) * ty * im[iy1, ix]
+            + tx * ty * im[iy1, ix1]
+        )
+        return img / jnp.sum(img)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+
+def as_psf(psf) -> Psf | None:
+    """Accept None, a `Psf`, or a 2-D array (wrapped in `ImagePsf`)."""
+    if psf is None or isinstance(psf, Psf):
+        return psf
+    return ImagePsf(psf)

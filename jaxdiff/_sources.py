@@ -1,0 +1,87 @@
+"""`Sources`: a fixed-length list of candidate kernel stars with a validity mask."""
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from ._types import Array, Bool, Float
+
+_X_COLUMNS = ("x", "slot_Centroid_x", "centroid_x", "xcentroid", "X_IMAGE")
+_Y_COLUMNS = ("y", "slot_Centroid_y", "centroid_y", "ycentroid", "Y_IMAGE")
+_FLUX_COLUMNS = ("flux", "slot_PsfFlux_instFlux", "slot_ApFlux_instFlux", "base_PsfFlux_instFlux", "FLUX_AUTO")
+
+
+class Sources(eqx.Module):
+    """Candidate stars for kernel stamps, in parent-frame pixel coordinates.
+
+    Arguments:
+        x, y: positions (column, row), shape (n,).
+        flux: optional brightness used to rank stars (NaN: measure on the image).
+        valid: which entries are real (False marks padding); all True by default.
+    """
+
+    x: Float[Array, " n"]
+    y: Float[Array, " n"]
+    flux: Float[Array, " n"]
+    valid: Bool[Array, " n"]
+
+    def __init__(self, x, y, flux=None, valid=None):
+        x = jnp.asarray(x)
+        y = jnp.asarray(y)
+        x = x.astype(jnp.result_type(x.dtype, jnp.float32))
+        y = y.astype(x.dtype)
+        if x.ndim < 1 or x.shape != y.shape:
+            raise ValueError(f"Sources x and y must be 1-D of equal length, got {tuple(x.shape)} and {tuple(y.shape)}")
+        flux = jnp.full(x.shape, jnp.nan, x.dtype) if flux is None else jnp.asarray(flux).astype(x.dtype)
+        valid = jnp.ones(x.shape, bool) if valid is None else jnp.asarray(valid).astype(bool)
+        for name, arr in (("flux", flux), ("valid", valid)):
+            if arr.shape != x.shape:
+                raise ValueError(f"Sources {name} shape {tuple(arr.shape)} does not match x shape {tuple(x.shape)}")
+        self.x = x
+        self.y = y
+        self.flux = flux
+        self.valid = valid
+
+    def __len__(self) -> int:
+        return int(self.x.shape[-1])
+
+    @property
+    def n_valid(self) -> int:
+        return int(np.sum(np.asarray(self.valid)))
+
+    @classmethod
+    def from_table(cls, table, capacity: int | None = None) -> "Sources":
+        """Build from an astropy Table (or any mapping of columns).
+
+        Positions come from `x`/`y` or LSST's `slot_Centroid_x`/`slot_Centroid_y`; flux from `flux`
+        (or LSST's PSF/aperture flux slots) when present. Rows with non-finite positions are marked
+        invalid. `capacity` pads (valid=False) to a fixed length so that new lists do not recompile.
+        """
+        names = list(getattr(table, "colnames", None) or list(table.keys()))
+
+        def pick(options, what, required=True):
+            for name in options:
+                if name in names:
+                    return np.asarray(table[name], dtype=np.float64)
+            if required:
+                raise ValueError(
+                    f"source table has no {what} column; expected one of {', '.join(options)} (has: {names})"
+                )
+            return None
+
+        x = pick(_X_COLUMNS, "x")
+        y = pick(_Y_COLUMNS, "y")
+        flux = pick(_FLUX_COLUMNS, "flux", required=False)
+        valid = np.isfinite(x) & np.isfinite(y)
+        n = x.shape[0]
+        if capacity is not None:
+            if capacity < n:
+                raise ValueError(f"capacity {capacity} is smaller than the table's {n} rows")
+            pad = capacity - n
+            x = np.concatenate([x, np.zeros(pad)])
+            y = np.concatenate([y, np.zeros(pad)])
+            flux = None if flux is None else np.concatenate([flux, np.full(pad, np.nan)])
+            valid = np.concatenate([valid, np.zeros(pad, bool)])
+        x = np.where(valid, x, 0.0)
+        y = np.where(valid, y, 0.0)
+        return cls(x, y, flux, valid)

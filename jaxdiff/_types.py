@@ -1,0 +1,31 @@
+"""Array type aliases and the working float dtype."""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+Image = Float[Array, "ny nx"]
+MaskImage = Int[Array, "ny nx"]
+Kernel = Float[Array, "ky kx"]
+Basis = Float[Array, "nbasis ky kx"]
+Vector = Float[Array, " n"]
+Scalar = Float[Array, ""]
+
+__all__ = ["Array", "Bool", "Float", "Int", "Image", "MaskImage", "Kernel", "Basis", "Vector", "Scalar"]
+
+
+def x64_enabled() -> bool:
+    """Whether float64 is available right now (global flag or `jax.enable_x64` scope)."""
+    return bool(jax.config.read("jax_enable_x64"))
+
+
+def solve_dtype():
+    """dtype of the small, precision-critical steps (normal equations, basis, filters)."""
+    return jnp.float64 if x64_enabled() else jnp.float32
+
+
+def float_dtype(x=None):
+    """Floating dtype of an array (float32 for integer input)."""
+    if x is not None and jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        return jnp.result_type(x)
+    return jnp.float32
