@@ -8,6 +8,7 @@ from ._errors import (
     UnsupportedModeError as UnsupportedModeError,
 )
 from ._exposure import Exposure as Exposure
+from ._io import read_exposure as read_exposure, write_exposure as write_exposure
 from ._mask import MASK_PLANES as MASK_PLANES
 from ._psf import GaussianPsf as GaussianPsf, GridPsf as GridPsf, ImagePsf as ImagePsf, Psf as Psf
 from ._sources import Sources as Sources

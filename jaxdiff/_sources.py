@@ -8,7 +8,13 @@ from ._types import Array, Bool, Float
 
 _X_COLUMNS = ("x", "slot_Centroid_x", "centroid_x", "xcentroid", "X_IMAGE")
 _Y_COLUMNS = ("y", "slot_Centroid_y", "centroid_y", "ycentroid", "Y_IMAGE")
-_FLUX_COLUMNS = ("flux", "slot_PsfFlux_instFlux", "slot_ApFlux_instFlux", "base_PsfFlux_instFlux", "FLUX_AUTO")
+_FLUX_COLUMNS = (
+    "flux",
+    "slot_PsfFlux_instFlux",
+    "slot_ApFlux_instFlux",
+    "base_PsfFlux_instFlux",
+    "FLUX_AUTO",
+)
 
 
 class Sources(eqx.Module):
@@ -31,12 +37,16 @@ class Sources(eqx.Module):
         x = x.astype(jnp.result_type(x.dtype, jnp.float32))
         y = y.astype(x.dtype)
         if x.ndim < 1 or x.shape != y.shape:
-            raise ValueError(f"Sources x and y must be 1-D of equal length, got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise ValueError(
+                f"Sources x and y must be 1-D of equal length, got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         flux = jnp.full(x.shape, jnp.nan, x.dtype) if flux is None else jnp.asarray(flux).astype(x.dtype)
         valid = jnp.ones(x.shape, bool) if valid is None else jnp.asarray(valid).astype(bool)
         for name, arr in (("flux", flux), ("valid", valid)):
             if arr.shape != x.shape:
-                raise ValueError(f"Sources {name} shape {tuple(arr.shape)} does not match x shape {tuple(x.shape)}")
+                raise ValueError(
+                    f"Sources {name} shape {tuple(arr.shape)} does not match x shape {tuple(x.shape)}"
+                )
         self.x = x
         self.y = y
         self.flux = flux
@@ -62,7 +72,8 @@ class Sources(eqx.Module):
         def pick(options, what, required=True):
             for name in options:
                 if name in names:
-                    return np.asarray(table[name], dtype=np.float64)
+                    # masked entries (astropy MaskedColumn) become NaN, hence invalid rows
+                    return np.ma.filled(np.ma.asarray(table[name], dtype=np.float64), np.nan)
             if required:
                 raise ValueError(
                     f"source table has no {what} column; expected one of {', '.join(options)} (has: {names})"
