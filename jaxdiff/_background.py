@@ -1,0 +1,33 @@
+"""The fitted differential background (science minus template), a smooth 2-D polynomial."""
+
+import equinox as eqx
+import jax.numpy as jnp
+
+from . import spatial
+from ._types import Array, Float, Image
+
+
+class BackgroundModel(eqx.Module):
+    """bg(x, y) = Σ_m c_m g_m(x, y) over the science box.
+
+    Arguments:
+        coefficients: c_m, shape (Q,).
+        box: (x0, y0, width, height) of the science box.
+        order: polynomial order (static).
+        model: "chebyshev1" or "polynomial" (static).
+    """
+
+    coefficients: Float[Array, " nterm"]
+    box: Float[Array, "4"]
+    order: int = eqx.field(static=True)
+    model: str = eqx.field(static=True, default="chebyshev1")
+
+    def __call__(self, x, y):
+        """The background at parent positions (x, y) (any broadcastable shapes)."""
+        t = spatial.terms(x, y, self.box, self.order, self.model)
+        return jnp.tensordot(self.coefficients, t.astype(self.coefficients.dtype), axes=1)
+
+    def image(self, shape: tuple[int, int], xy0=(0, 0)) -> Image:
+        """Render the background on an array of `shape` whose element [0, 0] is at parent `xy0`."""
+        tx, ty = spatial.separable_terms(self.box, shape, jnp.asarray(xy0), self.order, self.model)
+        return jnp.einsum("m,my,mx->yx", self.coefficients, ty.astype(self.coefficients.dtype), tx)

@@ -1,0 +1,184 @@
+"""Kernel fit on stamps: per-stamp fits, rejection loop and the global spatial solve (ALGORITHM §7–8)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import stamps as _stamps
+from ._stats import clipped_mean_std
+from .solvers import symmetric_solve
+from .solvers._normal import (
+    batched,
+    global_normal,
+    multipliers,
+    residual_stats,
+    spatial_layout,
+    stamp_alphas,
+    stamp_design,
+    stamp_normal,
+)
+from ._types import Array, Float
+
+
+class StampData(eqx.Module):
+    """Everything the fit needs about the N stamp slots (all arrays, leading axis N)."""
+
+    x_stamp: Float[Array, "N s s"]  # convolved image X on the (2k+1)² stamp
+    vx_stamp: Float[Array, "N s s"]
+    y_core: Float[Array, "N c c"]  # matched image Y on the core
+    vy_core: Float[Array, "N c c"]
+    good_core: Array  # (N, c, c) bool: pixels counted in residual tests
+    weight: Array  # (N,) stamp weights 1/median(V_X + V_Y)
+    p: Array  # (N, P) kernel spatial terms at the sources
+    q: Array  # (N, Q) background terms at the sources
+    cx: Array  # (N,) centres, array coordinates
+    cy: Array
+    valid: Array  # (N,) bool
+
+
+class FitResult(eqx.Module):
+    theta: Array
+    condition_number: Array
+    active: Array  # (N,) bool, stamps in the final solve
+    passed_single: Array
+    n_iterations: Array
+    n_rejected_single: Array
+    n_rejected_ksum: Array
+    n_rejected_spatial: Array
+    residual_mean: Array
+    residual_std: Array
+    stamp_kernel_sums: Array
+
+
+def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitResult:
+    """Fit the spatial kernel and background from stamps.
+
+    Arguments:
+        data: the stamp slots.
+        basis: (n, k, k) basis images; factors: (fx, fy, mix) separable form of the same basis.
+        solver: `LeastSquares` or `OptaxSolver` for the global system.
+        cfg: `SubtractConfig` (static numbers: cell size, stars per cell, thresholds, iterations).
+        reg: optional (n + 1, n + 1) penalty added to every per-stamp normal matrix (delta-function
+            regularisation, ALGORITHM §5.3).
+    """
+    n = basis.shape[0]
+    P = data.p.shape[-1]
+    Q = data.q.shape[-1]
+    N = data.valid.shape[0]
+    dtype = data.x_stamp.dtype
+    fx, fy, mix = factors
+
+    def per_stamp(xs, yc, w):
+        C = stamp_design(xs, fx, fy, mix)
+        M, b = stamp_normal(C, yc, w)
+        return C, M, b
+
+    C, Ms, bs = batched(per_stamp, data.x_stamp, data.y_core, data.weight.astype(dtype))
+    valid = data.valid
+    if reg is not None:
+        Ms = Ms + reg.astype(dtype)
+    Ms = jnp.where(valid[:, None, None], Ms, jnp.eye(n + 1, dtype=dtype))
+    bs = jnp.where(valid[:, None], bs, 0.0)
+
+    def test(alpha):
+        return batched(
+            lambda Cs, yc, vyc, vxs, g, a: residual_stats(Cs, yc, vyc, vxs, g, a, basis),
+            C,
+            data.y_core,
+            data.vy_core,
+            data.vx_stamp,
+            data.good_core,
+            alpha,
+        )
+
+    def passes(stats):
+        mean, std = stats
+        ok = jnp.isfinite(mean) & jnp.isfinite(std)
+        return (
+            ok & (jnp.abs(mean) <= cfg.candidate_residual_mean_max) & (std <= cfg.candidate_residual_std_max)
+        )
+
+    alpha_single = jax.vmap(symmetric_solve)(Ms, bs)
+    passed_single = lax.stop_gradient(valid & passes(test(alpha_single)))
+    ksum = alpha_single[:, 0]
+
+    U = jax.vmap(lambda p, q: multipliers(p, q, n, max(P, Q, 1)))(data.p, data.q)
+    rows, cols, _ = spatial_layout(n, P, Q)
+    priority = jnp.arange(N)  # slots are packed brightest first
+
+    def active_set(rejected):
+        eligible = passed_single & ~rejected
+        rank = _stamps.cell_rank(data.cx, data.cy, priority, eligible, cfg.size_cell)
+        return eligible & (rank < cfg.n_star_per_cell)
+
+    def solve(active):
+        M, b = global_normal(Ms, bs, U, active.astype(dtype), rows, cols)
+        return symmetric_solve(M, b)
+
+    # The rejection loop decides the selection only; gradients flow through the final solve.
+    Ms_sg, bs_sg = lax.stop_gradient(Ms), lax.stop_gradient(bs)
+    ksum_sg = lax.stop_gradient(ksum)
+
+    def solve_sg(active):
+        M, b = global_normal(Ms_sg, bs_sg, lax.stop_gradient(U), active.astype(dtype), rows, cols)
+        return symmetric_solve(M, b)
+
+    def cond(state):
+        rejected, it, passes_done, done, n_k, n_s = state
+        return ~done & (passes_done < N + cfg.max_spatial_iterations + 1)
+
+    def body(state):
+        rejected, it, passes_done, done, n_k, n_s = state
+        active = active_set(rejected)
+        mu, sigma, _ = clipped_mean_std(ksum_sg, active)
+        clip = active & (jnp.abs(ksum_sg - mu) > cfg.max_ksum_sigma * sigma)
+        any_clip = jnp.any(clip)
+
+        def after_clip(_):
+            return rejected | clip, it, passes_done + 1, ~jnp.any(active & ~clip), n_k + jnp.sum(clip), n_s
+
+        def spatial(_):
+            theta = solve_sg(active)
+            alphas = stamp_alphas(theta, lax.stop_gradient(U), rows, cols)
+            bad = active & ~passes(lax.stop_gradient(test(alphas)))
+            it1 = it + jnp.any(bad)
+            finished = ~jnp.any(bad) | (it1 >= cfg.max_spatial_iterations)
+            return rejected | bad, it1, passes_done + 1, finished, n_k, n_s + jnp.sum(bad)
+
+        return lax.cond(any_clip, after_clip, spatial, None)
+
+    zero = jnp.array(0, jnp.int32)
+    init = (~valid, zero, zero, jnp.array(False), zero, zero)
+    rejected, n_iter, _, _, n_k, n_s = lax.while_loop(cond, body, init)
+    active = lax.stop_gradient(active_set(rejected))
+
+    M, b = global_normal(Ms, bs, U, active.astype(dtype), rows, cols)
+    precond = _preconditioner(Ms, U, active.astype(dtype), rows, cols)
+    theta, cond_number = solver.solve(M, b, precond)
+    alphas = stamp_alphas(theta, U, rows, cols)
+    mean, std = test(lax.stop_gradient(alphas))
+    used = active & jnp.isfinite(mean) & jnp.isfinite(std)
+    n_used = jnp.maximum(jnp.sum(used), 1)
+    return FitResult(
+        theta=theta,
+        condition_number=cond_number,
+        active=active,
+        passed_single=passed_single,
+        n_iterations=n_iter,
+        n_rejected_single=jnp.sum(valid & ~passed_single),
+        n_rejected_ksum=n_k,
+        n_rejected_spatial=n_s,
+        residual_mean=jnp.sum(jnp.where(used, mean, 0.0)) / n_used,
+        residual_std=jnp.sqrt(jnp.sum(jnp.where(used, std**2, 0.0)) / n_used),
+        stamp_kernel_sums=ksum,
+    )
+
+
+def _preconditioner(Ms, U, weights, rows, cols):
+    """A = Σ_s τ_s E_sᵀ Ḡ E_s with Ḡ = Σ_s M_s / Σ_s τ_s, τ_s = trace M_s (ALGORITHM §8.3)."""
+    tau = jnp.trace(Ms, axis1=1, axis2=2) * weights
+    G = jnp.einsum("s,sij->ij", weights, Ms) / jnp.maximum(jnp.sum(tau), 1e-300)
+    Mbar = tau[:, None, None] * G[None]
+    A, _ = global_normal(Mbar, jnp.zeros(Ms.shape[:2], Ms.dtype), U, jnp.ones_like(weights), rows, cols)
+    return A

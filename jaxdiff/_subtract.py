@@ -1,0 +1,434 @@
+"""`subtract`: the pure, jit-compiled Alard–Lupton subtraction (ALGORITHM §3–§11)."""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import basis as _basis
+from . import convolve as _convolve
+from . import decorrelate as _decorrelate
+from . import spatial
+from . import stamps as _stamps
+from ._background import BackgroundModel
+from ._config import SubtractConfig, check_mode
+from ._errors import RESULTS
+from ._exposure import Exposure
+from ._fit import StampData, fit_kernel
+from ._kernel import SpatialKernel
+from ._mask import bitmask, plane_bit
+from ._prepare import (
+    exclusion_bits,
+    output_planes,
+    padded_cut,
+    prepare_science_mask,
+    prepare_template_mask,
+)
+from ._psf import ImagePsf, Psf
+from ._result import SubtractResult
+from ._sources import Sources
+from ._stats import clipped_mean_std, standard_good, usable, variance_factor
+from ._types import solve_dtype
+
+_RESCALE_EXCLUDE = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static decisions taken before tracing: they fix every shape of the compiled program."""
+
+    mode: str  # resolved: "convolveTemplate" or "convolveScience"
+    k: int  # kernel side
+    n_slots: int  # stamp capacity
+    basis_mode: str  # "config", "convolution", "deconvolution" (informational)
+
+
+def _concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def psf_widths(psf: Psf | None):
+    """(sigma_x, sigma_y) as Python floats, or None when there is no PSF or it is traced."""
+    if psf is None:
+        return None
+    leaves = jax.tree.leaves(psf)
+    if not all(_concrete(v) for v in leaves):
+        return None
+    sx, sy = jax.device_get(psf.sigma_xy())
+    if not (np.isfinite(sx) and np.isfinite(sy)):
+        raise ValueError("the PSF width cannot be measured at the image centre (adaptive moments failed)")
+    return float(sx), float(sy)
+
+
+def resolve_mode(mode: str, w_template, w_science) -> str:
+    """`auto` → convolve the template iff FWHM_x(T) ≤ FWHM_x(S) or FWHM_y(T) ≤ FWHM_y(S)."""
+    check_mode(mode)
+    if mode != "auto":
+        return mode
+    if w_template is None or w_science is None:
+        return "convolveTemplate"
+    (tx, ty), (sx, sy) = w_template, w_science
+    return "convolveTemplate" if (tx <= sx or ty <= sy) else "convolveScience"
+
+
+def make_plan(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig) -> Plan:
+    """The static plan: resolved mode, kernel size, stamp capacity (ALGORITHM §2)."""
+    wt, ws = psf_widths(template.psf), psf_widths(science.psf)
+    mode = resolve_mode(config.mode, wt, ws)
+    if config.use_preconvolution:
+        mode = "convolveTemplate"
+    k = config.kernel_size
+    basis_mode = "config"
+    if config.kernel_basis == "alard-lupton" and wt is not None and ws is not None:
+        sx = float(np.sqrt(0.5 * (wt[0] ** 2 + wt[1] ** 2)))
+        ss = float(np.sqrt(0.5 * (ws[0] ** 2 + ws[1] ** 2)))
+        sig_x, sig_y = (sx, ss) if mode == "convolveTemplate" else (ss, sx)
+        widths, basis_mode = _basis.alard_lupton_widths(sig_x, sig_y, **_width_kwargs(config))
+        if config.scale_by_fwhm:
+            k = _basis.kernel_size(
+                np.asarray(widths),
+                fwhm_scaling=config.kernel_size_fwhm_scaling,
+                size_min=config.kernel_size_min,
+                size_max=config.kernel_size_max,
+            )
+    n_src = len(sources)
+    n_slots = n_src if config.max_kernel_sources < 0 else min(config.max_kernel_sources, n_src)
+    return Plan(mode=mode, k=int(k), n_slots=max(int(n_slots), 1), basis_mode=basis_mode)
+
+
+def _width_kwargs(config):
+    return dict(
+        sig_gauss=tuple(config.al_sig_gauss),
+        beta=config.al_gauss_beta,
+        min_sig=config.al_min_sig,
+        min_sig_deconv=config.al_min_sig_deconv,
+        scale_by_fwhm=config.scale_by_fwhm,
+    )
+
+
+def _strip_wcs(exposure: Exposure) -> Exposure:
+    new = object.__new__(Exposure)
+    for f in dataclasses.fields(exposure):
+        object.__setattr__(new, f.name, getattr(exposure, f.name))
+    object.__setattr__(new, "wcs", None)
+    return new
+
+
+def _with_wcs(exposure: Exposure, wcs) -> Exposure:
+    new = _strip_wcs(exposure)
+    object.__setattr__(new, "wcs", wcs)
+    return new
+
+
+def subtract(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig | None = None):
+    """PSF-match, subtract and (unless configured off) decorrelate: the pure function behind the task.
+
+    Arguments:
+        template: the reference exposure; its box must contain the science box.
+        science: the new exposure; outputs live on its box.
+        sources: candidate kernel stars (parent coordinates).
+        config: a `SubtractConfig` (default: LSST's defaults).
+
+    Returns:
+        A `SubtractResult` whose `metadata` holds 0-d arrays (status code, counts, kernel sum, residual
+        statistics, condition number, coverage, variance factors). Never raises on data: `status`
+        (a `jd.RESULTS` code) says what failed.
+    """
+    config = SubtractConfig() if config is None else config
+    plan = make_plan(template, science, sources, config)
+    result = _core(_strip_wcs(template), _strip_wcs(science), sources, config, plan)
+    return dataclasses.replace(
+        result,
+        difference=_with_wcs(result.difference, science.wcs),
+        matched_template=_with_wcs(result.matched_template, science.wcs),
+    )
+
+
+@eqx.filter_jit
+def _core(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan):
+    return core(template, science, sources, config, plan)
+
+
+def core(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan):
+    """The traceable subtraction for a fixed plan (not jitted: callers jit or vmap it)."""
+    cfg = config
+    k = plan.k
+    h = k // 2
+    ny, nx = science.shape
+    sdt = solve_dtype()
+    out_planes = output_planes(science.mask_planes, template.mask_planes, cfg)
+    edge_bit = plane_bit(out_planes, "EDGE")
+    nodata_bit = plane_bit(out_planes, "NO_DATA")
+    box = jnp.stack([science.xy0[0], science.xy0[1], nx, ny]).astype(sdt)
+
+    # --- variance rescaling (§4.1) ---
+    def rescale(e: Exposure):
+        if not cfg.do_scale_variance:
+            return e.variance, jnp.ones((), sdt), jnp.zeros((), sdt)
+        bad = bitmask(e.mask_planes, _RESCALE_EXCLUDE)
+        good = (e.mask & bad) == 0
+        f, r_est, l_est, _ = variance_factor(e.image, e.variance, good)
+        fail = (r_est > 10) & (l_est > 10)
+        return e.variance * f.astype(e.variance.dtype), f.astype(sdt), fail
+
+    var_t, factor_t, fail_t = rescale(template)
+    var_s, factor_s, fail_s = rescale(science)
+
+    # --- masks (§4.2) and template cut-out on the science box grown by h (§1) ---
+    mask_s = prepare_science_mask(science.mask, science.mask_planes, out_planes)
+    mask_t = prepare_template_mask(template.mask, template.mask_planes, out_planes, cfg)
+    offset = jnp.stack([science.xy0[1] - template.xy0[1], science.xy0[0] - template.xy0[0]])
+    inside_t_full = jnp.ones(template.shape, bool)
+    tg_img, tg_var, tg_mask, tg_inside = padded_cut(
+        (template.image, var_t, mask_t, inside_t_full), offset, h, (ny, nx), (0.0, 1.0, 0, False)
+    )
+    sg_img, sg_var, sg_mask, sg_inside = padded_cut(
+        (science.image, var_s, mask_s, jnp.ones((ny, nx), bool)),
+        jnp.zeros(2, jnp.int32),
+        h,
+        (ny, nx),
+        (0.0, 1.0, 0, False),
+    )
+    crop = (slice(h, h + ny), slice(h, h + nx))
+    t_img, t_var, t_mask, t_inside = tg_img[crop], tg_var[crop], tg_mask[crop], tg_inside[crop]
+
+    # --- coverage (§3) ---
+    nodata_val = 0 if nodata_bit is None else (1 << nodata_bit)
+    lacks = ((t_mask | mask_s) & nodata_val) != 0
+    coverage = 1.0 - jnp.mean(lacks.astype(sdt))
+
+    if plan.mode == "convolveTemplate":
+        xg = (tg_img, tg_var, tg_mask, tg_inside)
+        y_img, y_var, y_mask = science.image, var_s, mask_s
+        psf_x, psf_y = template.psf, science.psf
+    else:
+        xg = (sg_img, sg_var, sg_mask, sg_inside)
+        y_img, y_var, y_mask = t_img, t_var, t_mask
+        psf_x, psf_y = science.psf, template.psf
+
+    # --- basis (§5) ---
+    if cfg.kernel_basis == "alard-lupton":
+        if psf_x is None or psf_y is None:
+            sig_x = sig_y = None
+        else:
+            sig_x, sig_y = psf_x.sigma(), psf_y.sigma()
+        widths, _ = _basis.alard_lupton_widths_traced(sig_x, sig_y, **_width_kwargs(cfg))
+        fx, fy, mix = _basis.alard_lupton_factors(
+            k, widths, tuple(cfg.al_deg_gauss), cfg.orthonormalize_basis
+        )
+        basis_images = jnp.einsum("br,rv,ru->bvu", mix, fy, fx)
+    else:
+        basis_images = _basis.delta_function(k).astype(sdt)
+        eye = jnp.eye(k, dtype=sdt)
+        fx = jnp.tile(eye, (k, 1))
+        fy = jnp.repeat(eye, k, axis=0)
+        mix = basis_images.reshape(basis_images.shape[0], -1)
+    n = basis_images.shape[0]
+    reg = None
+    if cfg.kernel_basis == "delta-function" and cfg.use_regularization:
+        H = _basis.regularization_matrix(
+            k, basis_images, lambda_value=cfg.lambda_value, border_penalty=cfg.regularization_border_penalty
+        )
+        reg = jnp.zeros((n + 1, n + 1), sdt).at[:n, :n].set(H)
+
+    # --- stamps (§6) ---
+    excl = exclusion_bits(out_planes, cfg)
+    bad = ((mask_s | t_mask) & excl) != 0
+    bad = bad | ~usable(science.image, var_s) | ~usable(t_img, t_var) | ~t_inside
+    bad_table = _stamps.summed_area(bad)
+    cx, cy = _stamps.centres(sources.x, sources.y, science.xy0)
+    margin = k if cfg.restrict_kernel_edge_sources else 0
+    ok = _stamps.usable_candidates(cx, cy, sources.valid, bad_table, (ny, nx), k, margin)
+    side = 2 * k + 1
+    snr = _snr(science.image, var_s, cy, cx, k)
+    score = jnp.where(jnp.isfinite(sources.flux), sources.flux, snr)
+    index, slot_valid = _stamps.rank_and_pack(score, ok, plan.n_slots)
+    scx, scy = cx[index], cy[index]
+    r0, c0 = scy - k, scx - k
+    x_img, x_var = xg[0], xg[1]
+    x_stamp = _stamps.extract(x_img, r0 + h, c0 + h, side)
+    vx_stamp = _stamps.extract(x_var, r0 + h, c0 + h, side)
+    y_stamp = _stamps.extract(y_img, r0, c0, side)
+    vy_stamp = _stamps.extract(y_var, r0, c0, side)
+    core_sl = (slice(None), slice(h, side - h), slice(h, side - h))
+    good_core = _stamps.extract(~bad, r0, c0, side)[core_sl]
+    finite = slot_valid[:, None, None]
+    x_stamp = jnp.where(finite & jnp.isfinite(x_stamp), x_stamp, 0.0).astype(sdt)
+    vx_stamp = jnp.where(finite & jnp.isfinite(vx_stamp), vx_stamp, 1.0).astype(sdt)
+    y_core = jnp.where(finite & jnp.isfinite(y_stamp), y_stamp, 0.0).astype(sdt)[core_sl]
+    vy_core = jnp.where(finite & jnp.isfinite(vy_stamp), vy_stamp, 1.0).astype(sdt)[core_sl]
+    if cfg.constant_variance_weighting:
+        med = jnp.median((vx_stamp + jnp.where(finite, vy_stamp, 1.0)).reshape(len(index), -1), axis=1)
+        weight = jnp.where(med > 0, 1.0 / jnp.where(med > 0, med, 1.0), 1.0)
+    else:
+        weight = None
+    sx_pos = sources.x[index].astype(sdt)
+    sy_pos = sources.y[index].astype(sdt)
+    P_order, Q_order = cfg.spatial_kernel_order, cfg.spatial_bg_order
+    p = spatial.terms(sx_pos, sy_pos, box, P_order, cfg.spatial_model_type).T
+    q = spatial.terms(sx_pos, sy_pos, box, Q_order, cfg.spatial_model_type).T
+    data = StampData(
+        x_stamp=x_stamp,
+        vx_stamp=vx_stamp,
+        y_core=y_core,
+        vy_core=vy_core,
+        good_core=good_core & slot_valid[:, None, None],
+        weight=weight if weight is not None else 1.0 / (vx_stamp[core_sl] + vy_core),
+        p=p,
+        q=q,
+        cx=scx,
+        cy=scy,
+        valid=slot_valid,
+    )
+    n_stamps = jnp.sum(slot_valid)
+
+    # --- fit (§7, §8) ---
+    fit = fit_kernel(data, basis_images, (fx, fy, mix), cfg.solver, cfg, reg)
+    theta = fit.theta
+    P = spatial.n_terms(P_order)
+    Q = spatial.n_terms(Q_order)
+    coeffs = (
+        jnp.zeros((n, P), sdt)
+        .at[0, 0]
+        .set(theta[0])
+        .at[1:, :]
+        .set(theta[1 : 1 + (n - 1) * P].reshape(n - 1, P))
+    )
+    bg_coeffs = theta[1 + (n - 1) * P :]
+    kernel = SpatialKernel(basis_images, coeffs, box, P_order, cfg.spatial_model_type)
+    kappa0 = theta[0]
+
+    # --- apply the kernel (§9) ---
+    img_dtype = x_img.dtype
+    kernels = kernel.components().astype(img_dtype)
+    xy0_g = science.xy0 - h
+    tx, ty = spatial.separable_terms(box, (ny + 2 * h, nx + 2 * h), xy0_g, P_order, cfg.spatial_model_type)
+    x_good = usable(x_img, x_var) & xg[3]
+    x_med = jnp.median(jnp.where(x_good, x_img, jnp.nan)[::4, ::4].ravel())
+    x_med = lax.stop_gradient(jnp.where(jnp.isfinite(x_med), x_med, 0.0))
+    preserve = bitmask(out_planes, cfg.preserve_mask_planes)
+    conv_img, conv_var, conv_mask = _convolve.convolve_spatial(
+        x_img,
+        x_var,
+        xg[2],
+        kernels,
+        tx.astype(img_dtype),
+        ty.astype(img_dtype),
+        valid=xg[3],
+        edge_bit=edge_bit,
+        preserve_bits=preserve,
+        offset=x_med.astype(img_dtype),
+    )
+    conv_img, conv_var, conv_mask = conv_img[crop], conv_var[crop], conv_mask[crop]
+
+    # --- difference (§10) ---
+    background = BackgroundModel(bg_coeffs, box, Q_order, cfg.spatial_model_type)
+    bg_img = background.image((ny, nx), science.xy0).astype(img_dtype)
+    bg_sub = bg_img if cfg.do_subtract_background else jnp.zeros_like(bg_img)
+    k0 = kappa0.astype(img_dtype)
+    if plan.mode == "convolveTemplate":
+        diff_img = science.image - conv_img - bg_sub
+        diff_var = var_s + conv_var
+        diff_mask = mask_s | conv_mask
+        matched = Exposure(
+            conv_img,
+            conv_var,
+            conv_mask,
+            science.psf,
+            science.xy0,
+            template.photo_calib,
+            mask_planes=out_planes,
+        )
+        bg_model = background
+        psf_diff = science.psf
+        v_u_plane, v_c_plane = var_s, t_var
+    else:
+        diff_img = (conv_img - t_img + bg_sub) / k0
+        diff_var = (conv_var + t_var) / k0**2
+        diff_mask = conv_mask | t_mask
+        matched = Exposure(
+            t_img / k0,
+            t_var / k0**2,
+            t_mask,
+            template.psf,
+            science.xy0,
+            template.photo_calib,
+            mask_planes=out_planes,
+        )
+        bg_model = BackgroundModel(-bg_coeffs / kappa0, box, Q_order, cfg.spatial_model_type)
+        psf_diff = template.psf
+        v_u_plane, v_c_plane = t_var, var_s
+
+    # --- decorrelation (§11) ---
+    good_s = standard_good(science.image, var_s, diff_mask, out_planes)
+    good_t = standard_good(t_img, t_var, diff_mask, out_planes)
+    svar, _, _ = clipped_mean_std(var_s, good_s, max_samples=2**20)
+    tvar, _, _ = clipped_mean_std(t_var, good_t, max_samples=2**20)
+    if plan.mode == "convolveTemplate":
+        v_u, v_c = svar, tvar
+    else:
+        v_u, v_c = tvar, svar
+    if cfg.do_decorrelation:
+        kappa = kernel.image()
+        d_img, d_var, c_img = _decorrelate.decorrelate(diff_img, v_u_plane, v_c_plane, kappa, v_u, v_c)
+        if plan.mode == "convolveScience":
+            d_var = d_var / k0**2
+        d_var = jnp.where(jnp.isfinite(diff_img), d_var, diff_var)
+        if psf_diff is not None:
+            psf_diff = ImagePsf(_decorrelate.difference_psf(psf_diff.image(), c_img.astype(sdt)))
+    else:
+        d_img, d_var = diff_img, diff_var
+    difference = Exposure(
+        d_img.astype(img_dtype),
+        d_var.astype(img_dtype),
+        diff_mask,
+        psf_diff,
+        science.xy0,
+        science.photo_calib,
+        mask_planes=out_planes,
+    )
+
+    status = jnp.where(
+        n_stamps < cfg.min_kernel_sources,
+        RESULTS.insufficient_sources,
+        jnp.where(
+            jnp.sum(fit.active) == 0,
+            RESULTS.no_candidates,
+            jnp.where(jnp.all(jnp.isfinite(theta)), RESULTS.successful, RESULTS.nonfinite_solution),
+        ),
+    ).astype(jnp.int32)
+    metadata = dict(
+        status=status,
+        n_candidates=jnp.sum(ok),
+        n_stamps=n_stamps,
+        n_stamps_used=jnp.sum(fit.active),
+        kernel_sum=kappa0,
+        residual_mean=fit.residual_mean,
+        residual_std=fit.residual_std,
+        condition_number=fit.condition_number,
+        template_coverage=coverage,
+        n_iterations=fit.n_iterations,
+        n_rejected_single=fit.n_rejected_single,
+        n_rejected_ksum=fit.n_rejected_ksum,
+        n_rejected_spatial=fit.n_rejected_spatial,
+        science_variance_factor=factor_s,
+        template_variance_factor=factor_t,
+        variance_factor_failed=fail_s | fail_t,
+        svar=svar,
+        tvar=tvar,
+    )
+    return SubtractResult(difference, matched, bg_model, kernel, metadata)
+
+
+def _snr(image, variance, cy, cx, k):
+    """Crude S/N of each candidate from a (2k+1)² box sum, used to rank sources without a flux."""
+    dt = solve_dtype()
+    img = jnp.where(usable(image, variance), image, 0.0).astype(dt)
+    var = jnp.where(usable(image, variance), variance, 0.0).astype(dt)
+    r0, c0 = cy - k, cx - k
+    s = _stamps.box_sum(_stamps.summed_area(img), r0, c0, 2 * k + 1)
+    v = _stamps.box_sum(_stamps.summed_area(var), r0, c0, 2 * k + 1)
+    return s / jnp.sqrt(jnp.where(v > 0, v, 1.0))

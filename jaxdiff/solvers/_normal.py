@@ -1,0 +1,144 @@
+"""Stamp design matrices and weighted normal equations (ALGORITHM §7, §8.2), in the solve dtype."""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .._types import Array, Float
+
+
+def _valid_windows(n_in: int, k: int):
+    c = n_in - k + 1
+    return jnp.arange(c)[:, None] + jnp.arange(k)[None, :]
+
+
+def stamp_design(stamp: Float[Array, "s s"], fx, fy, mix) -> Float[Array, "n c c"]:
+    """Basis images convolved with one stamp, on the stamp's core (shrunk by h on each side).
+
+    Uses the separable form of the basis: raw image r = fy[r] ⊗ fx[r], basis = mix @ raw, so each
+    convolution is a pass in x then in y (ALGORITHM §16), followed by the fixed mixing matrix.
+
+    Arguments:
+        stamp: the convolved image X on a (2k + 1)² stamp.
+        fx, fy: 1-D factors, shape (n_raw, k), element [r, h + u] at offset u.
+        mix: (n, n_raw) mixing matrix.
+
+    Returns:
+        C_b = B_b ∗ X on the (k + 2)² core, shape (n, k + 2, k + 2).
+    """
+    s = stamp.shape[-1]
+    k = fx.shape[-1]
+    idx = _valid_windows(s, k)
+    # convolution: out[i] = Σ_u K[u] X[i + h − u] = Σ_j X[i + j] K[2h − j]
+    fxr = fx[:, ::-1]
+    fyr = fy[:, ::-1]
+    zx = jnp.einsum("yij,rj->ryi", stamp[:, idx], fxr)  # (n_raw, s, c)
+    zy = jnp.einsum("rijx,rj->rix", zx[:, idx, :], fyr)  # (n_raw, c, c)
+    return jnp.einsum("br,rix->bix", mix, zy)
+
+
+def stamp_normal(design, target, weight):
+    """M_s = C̃ᵀ w C̃ and b_s = C̃ᵀ w t with C̃ = [C_b, 1] (background column last).
+
+    Arguments:
+        design: (n, c, c) basis columns on the core.
+        target: (c, c) matched image on the core.
+        weight: scalar or (c, c) inverse-variance weights (0 on unusable pixels).
+    """
+    n = design.shape[0]
+    cols = jnp.concatenate([design.reshape(n, -1), jnp.ones((1, design[0].size), design.dtype)])
+    w = jnp.broadcast_to(weight, target.shape).reshape(-1)
+    cw = cols * w[None, :]
+    return cw @ cols.T, cw @ target.reshape(-1)
+
+
+def convolve_valid_fft(image: Float[Array, "s s"], kernel: Float[Array, "k k"]) -> Float[Array, "c c"]:
+    """Valid-mode convolution of a small stamp (output side s − k + 1) via a zero-padded FFT."""
+    s = image.shape[-1]
+    k = kernel.shape[-1]
+    n = s + k - 1
+    fi = jnp.fft.rfft2(image, (n, n))
+    fk = jnp.fft.rfft2(kernel, (n, n))
+    full = jnp.fft.irfft2(fi * fk, (n, n))
+    return full[k - 1 : s, k - 1 : s]
+
+
+def residual_stats(design, target, var_target, var_stamp, good, alpha, basis):
+    """Mean and sample std of the variance-normalised residual of one stamp (ALGORITHM §7).
+
+    Arguments:
+        design: (n, c, c) basis columns; target, var_target: matched image and its variance on the core.
+        var_stamp: (2k + 1)² variance of the convolved image (for K² ∗ V_X).
+        good: (c, c) pixels counted.
+        alpha: (n + 1,) kernel coefficients then background.
+        basis: (n, k, k) basis images.
+
+    Returns:
+        (mean, std) of r = D/√var_D over good pixels; NaN when undefined.
+    """
+    n = basis.shape[0]
+    model = jnp.tensordot(alpha[:n], design, axes=1) + alpha[n]
+    kern = jnp.tensordot(alpha[:n], basis, axes=1)
+    var_d = var_target + convolve_valid_fft(var_stamp, kern**2)
+    ok = good & (var_d > 0) & jnp.isfinite(var_d)
+    r = jnp.where(ok, (target - model) / jnp.sqrt(jnp.where(ok, var_d, 1.0)), 0.0)
+    cnt = jnp.sum(ok)
+    mean = jnp.sum(r) / cnt
+    var = jnp.sum(jnp.where(ok, (r - mean) ** 2, 0.0)) / (cnt - 1)
+    return mean, jnp.sqrt(var)
+
+
+def spatial_layout(n: int, n_kernel_terms: int, n_bg_terms: int):
+    """Static index arrays mapping the padded (n + 1, L) coefficient layout to θ.
+
+    Row 0 (B_0) has one coefficient (spatially constant), rows 1..n−1 have P, row n (background) Q.
+    Returns (rows, cols, L) with θ[t] = padded[rows[t], cols[t]].
+    """
+    import numpy as np
+
+    L = max(n_kernel_terms, n_bg_terms, 1)
+    rows = [0]
+    cols = [0]
+    for b in range(1, n):
+        rows += [b] * n_kernel_terms
+        cols += list(range(n_kernel_terms))
+    rows += [n] * n_bg_terms
+    cols += list(range(n_bg_terms))
+    return np.asarray(rows), np.asarray(cols), L
+
+
+def multipliers(p, q, n: int, L: int):
+    """Per-stamp multipliers U (n + 1, L): α_s[i] = Σ_a U[i, a] θ_i[a] (ALGORITHM §8.2's E_s)."""
+    P = p.shape[-1]
+    Q = q.shape[-1]
+    one = jnp.zeros((L,), p.dtype).at[0].set(1.0)
+    pk = jnp.zeros((L,), p.dtype).at[:P].set(p)
+    qk = jnp.zeros((L,), p.dtype).at[:Q].set(q)
+    return jnp.concatenate([one[None], jnp.broadcast_to(pk, (n - 1, L)), qk[None]])
+
+
+def global_normal(Ms, bs, U, weights, rows, cols):
+    """M = Σ_s w_s E_sᵀ M_s E_s and b = Σ_s w_s E_sᵀ b_s for the spatial unknowns θ.
+
+    Arguments:
+        Ms: (N, n + 1, n + 1); bs: (N, n + 1); U: (N, n + 1, L) multipliers; weights: (N,) 0/1 activity.
+        rows, cols: static layout from `spatial_layout`.
+    """
+    Mw = Ms * weights[:, None, None]
+    full = jnp.einsum("sij,sia,sjb->iajb", Mw, U, U)
+    bfull = jnp.einsum("si,sia->ia", bs * weights[:, None], U)
+    M = full[rows[:, None], cols[:, None], rows[None, :], cols[None, :]]
+    return M, bfull[rows, cols]
+
+
+def stamp_alphas(theta, U, rows, cols):
+    """α_s = E_s θ for every stamp: (N, n + 1)."""
+    n1, L = U.shape[1], U.shape[2]
+    padded = jnp.zeros((n1, L), theta.dtype).at[rows, cols].set(theta)
+    return jnp.einsum("sia,ia->si", U, padded)
+
+
+def batched(f, *args, batch_size: int = 64):
+    """`lax.map` over the leading axis in chunks (bounded memory), vmapping inside a chunk."""
+    return lax.map(lambda a: f(*a), args, batch_size=batch_size)
+

@@ -1,0 +1,99 @@
+"""Kernel stamps: candidate geometry, mask rejection, brightness ranking and fixed-size extraction.
+
+Everything works on the science box (array coordinates of the science image); counts are masks,
+never shapes: `select` returns a fixed number of slot indices plus a validity mask.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._types import Array, Bool, Float, Int
+
+
+def summed_area(plane) -> Array:
+    """Summed-area table with a zero first row/column, shape (ny + 1, nx + 1).
+
+    Integer planes are summed exactly in int32; float planes in their own dtype (pass float64 for
+    precision, ALGORITHM §14).
+    """
+    dtype = jnp.int32 if plane.dtype == bool else plane.dtype
+    t = jnp.cumsum(jnp.cumsum(plane.astype(dtype), axis=0), axis=1)
+    return jnp.pad(t, ((1, 0), (1, 0)))
+
+
+def box_sum(table, r0, c0, size: int):
+    """Sum over rows r0..r0+size-1 and columns c0..c0+size-1 from a summed-area table (clamped)."""
+    ny, nx = table.shape[0] - 1, table.shape[1] - 1
+    r0 = jnp.clip(r0, 0, ny)
+    c0 = jnp.clip(c0, 0, nx)
+    r1 = jnp.clip(r0 + size, 0, ny)
+    c1 = jnp.clip(c0 + size, 0, nx)
+    return table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
+
+
+def centres(x, y, xy0) -> tuple[Int[Array, " n"], Int[Array, " n"]]:
+    """Stamp centre pixels (column, row) in array coordinates: ⌊x + 0.5⌋ − x0, ⌊y + 0.5⌋ − y0."""
+    cx = jnp.floor(jnp.nan_to_num(x) + 0.5).astype(jnp.int32) - xy0[0]
+    cy = jnp.floor(jnp.nan_to_num(y) + 0.5).astype(jnp.int32) - xy0[1]
+    return cx, cy
+
+
+def usable_candidates(
+    cx, cy, valid: Bool[Array, " n"], bad_table, shape: tuple[int, int], half: int, margin: int
+) -> Bool[Array, " n"]:
+    """Candidates whose (2·half + 1)² stamp lies inside the box shrunk by `margin` and has no bad pixel.
+
+    Arguments:
+        cx, cy: stamp centres in array coordinates.
+        valid: the sources' validity mask.
+        bad_table: `summed_area` of the bad-pixel plane (excluded mask planes or unusable, either image).
+        shape: (ny, nx) of the science box.
+        half: stamp half side (k for a (2k + 1)² stamp), static.
+        margin: extra shrink of the box (k when restricting edge sources), static.
+    """
+    ny, nx = shape
+    lo = half + margin
+    inside = (cx >= lo) & (cy >= lo) & (cx <= nx - 1 - lo) & (cy <= ny - 1 - lo)
+    nbad = box_sum(bad_table, cy - half, cx - half, 2 * half + 1)
+    return valid & inside & (nbad == 0)
+
+
+def rank_and_pack(score: Float[Array, " n"], ok: Bool[Array, " n"], n_slots: int):
+    """The `n_slots` best candidates by score (brightest first), padded with invalid slots.
+
+    Returns:
+        (index (n_slots,), slot_valid (n_slots,)): indices into the candidate list; slots beyond the
+        number of usable candidates are marked invalid (their index points at some candidate but
+        they get weight 0 downstream).
+    """
+    key = jnp.where(ok, jnp.nan_to_num(score, nan=-jnp.inf, posinf=jnp.finfo(score.dtype).max), -jnp.inf)
+    key = jnp.where(ok & jnp.isinf(key), jnp.finfo(score.dtype).min, key)
+    _, index = lax.top_k(key, n_slots)
+    slot_valid = ok[index]
+    return index, slot_valid
+
+
+def extract(image, r0, c0, size: int):
+    """Stamps of side `size` whose top-left corners are (r0, c0), shape (n, size, size) (starts clamped)."""
+
+    def one(r, c):
+        return lax.dynamic_slice(image, (r, c), (size, size))
+
+    return jax.vmap(one)(r0, c0)
+
+
+def cell_rank(cx, cy, priority, eligible, size_cell: int) -> Int[Array, " n"]:
+    """For each slot, how many eligible slots of the same cell come before it in priority order.
+
+    Arguments:
+        cx, cy: stamp centres (array coordinates).
+        priority: lower values come first (e.g. the slot index after ranking by flux).
+        eligible: slots that compete for a place.
+        size_cell: cell side in pixels (static).
+    """
+    cell_x = cx // size_cell
+    cell_y = cy // size_cell
+    same = (cell_x[:, None] == cell_x[None, :]) & (cell_y[:, None] == cell_y[None, :])
+    before = priority[None, :] < priority[:, None]
+    return jnp.sum(same & before & eligible[None, :], axis=1)
