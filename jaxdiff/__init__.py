@@ -2,15 +2,40 @@
 
 from ._errors import (
     RESULTS as RESULTS,
+)
+from ._errors import (
     InsufficientKernelSourcesError as InsufficientKernelSourcesError,
+)
+from ._errors import (
     NoKernelCandidatesError as NoKernelCandidatesError,
+)
+from ._errors import (
     NoWorkFound as NoWorkFound,
+)
+from ._errors import (
     UnsupportedModeError as UnsupportedModeError,
 )
 from ._exposure import Exposure as Exposure
-from ._io import read_exposure as read_exposure, write_exposure as write_exposure
+from ._io import read_exposure as read_exposure
+from ._io import write_exposure as write_exposure
 from ._mask import MASK_PLANES as MASK_PLANES
-from ._psf import GaussianPsf as GaussianPsf, GridPsf as GridPsf, ImagePsf as ImagePsf, Psf as Psf
+from ._psf import GaussianPsf as GaussianPsf
+from ._psf import GridPsf as GridPsf
+from ._psf import ImagePsf as ImagePsf
+from ._psf import Psf as Psf
 from ._sources import Sources as Sources
 
 __version__ = "0.1.0"
+from . import basis as basis
+from . import convolve as convolve
+from . import sim as sim
+from . import solvers as solvers
+from . import spatial as spatial
+from . import stamps as stamps
+from ._background import BackgroundModel as BackgroundModel
+from ._config import SubtractConfig as SubtractConfig
+from ._kernel import SpatialKernel as SpatialKernel
+from ._result import SubtractResult as SubtractResult
+from ._subtract import subtract as subtract
+from .solvers import LeastSquares as LeastSquares
+from .solvers import OptaxSolver as OptaxSolver

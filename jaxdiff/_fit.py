@@ -7,6 +7,7 @@ from jax import lax
 
 from . import stamps as _stamps
 from ._stats import clipped_mean_std
+from ._types import Array, Float
 from .solvers import symmetric_solve
 from .solvers._normal import (
     batched,
@@ -18,7 +19,6 @@ from .solvers._normal import (
     stamp_design,
     stamp_normal,
 )
-from ._types import Array, Float
 
 
 class StampData(eqx.Module):
@@ -136,15 +136,22 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
         any_clip = jnp.any(clip)
 
         def after_clip(_):
-            return rejected | clip, it, passes_done + 1, ~jnp.any(active & ~clip), n_k + jnp.sum(clip), n_s
+            return (
+                rejected | clip,
+                it,
+                passes_done + 1,
+                ~jnp.any(active & ~clip),
+                n_k + jnp.sum(clip, dtype=jnp.int32),
+                n_s,
+            )
 
         def spatial(_):
             theta = solve_sg(active)
             alphas = stamp_alphas(theta, lax.stop_gradient(U), rows, cols)
             bad = active & ~passes(lax.stop_gradient(test(alphas)))
-            it1 = it + jnp.any(bad)
+            it1 = it + jnp.any(bad).astype(jnp.int32)
             finished = ~jnp.any(bad) | (it1 >= cfg.max_spatial_iterations)
-            return rejected | bad, it1, passes_done + 1, finished, n_k, n_s + jnp.sum(bad)
+            return rejected | bad, it1, passes_done + 1, finished, n_k, n_s + jnp.sum(bad, dtype=jnp.int32)
 
         return lax.cond(any_clip, after_clip, spatial, None)
 

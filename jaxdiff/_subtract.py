@@ -10,7 +10,6 @@ from jax import lax
 
 from . import basis as _basis
 from . import convolve as _convolve
-from . import decorrelate as _decorrelate
 from . import spatial
 from . import stamps as _stamps
 from ._background import BackgroundModel
@@ -27,7 +26,7 @@ from ._prepare import (
     prepare_science_mask,
     prepare_template_mask,
 )
-from ._psf import ImagePsf, Psf
+from ._psf import Psf
 from ._result import SubtractResult
 from ._sources import Sources
 from ._stats import clipped_mean_std, standard_good, usable, variance_factor
@@ -202,11 +201,11 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
 
     if plan.mode == "convolveTemplate":
         xg = (tg_img, tg_var, tg_mask, tg_inside)
-        y_img, y_var, y_mask = science.image, var_s, mask_s
+        y_img, y_var, _y_mask = science.image, var_s, mask_s
         psf_x, psf_y = template.psf, science.psf
     else:
         xg = (sg_img, sg_var, sg_mask, sg_inside)
-        y_img, y_var, y_mask = t_img, t_var, t_mask
+        y_img, y_var, _y_mask = t_img, t_var, t_mask
         psf_x, psf_y = science.psf, template.psf
 
     # --- basis (§5) ---
@@ -289,7 +288,7 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
     fit = fit_kernel(data, basis_images, (fx, fy, mix), cfg.solver, cfg, reg)
     theta = fit.theta
     P = spatial.n_terms(P_order)
-    Q = spatial.n_terms(Q_order)
+    spatial.n_terms(Q_order)
     coeffs = (
         jnp.zeros((n, P), sdt)
         .at[0, 0]
@@ -365,22 +364,26 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
     # --- decorrelation (§11) ---
     good_s = standard_good(science.image, var_s, diff_mask, out_planes)
     good_t = standard_good(t_img, t_var, diff_mask, out_planes)
-    svar, _, _ = clipped_mean_std(var_s, good_s, max_samples=2**20)
-    tvar, _, _ = clipped_mean_std(t_var, good_t, max_samples=2**20)
-    if plan.mode == "convolveTemplate":
-        v_u, v_c = svar, tvar
-    else:
-        v_u, v_c = tvar, svar
+    good_u, good_c = (good_s, good_t) if plan.mode == "convolveTemplate" else (good_t, good_s)
     if cfg.do_decorrelation:
-        kappa = kernel.image()
-        d_img, d_var, c_img = _decorrelate.decorrelate(diff_img, v_u_plane, v_c_plane, kappa, v_u, v_c)
-        if plan.mode == "convolveScience":
-            d_var = d_var / k0**2
-        d_var = jnp.where(jnp.isfinite(diff_img), d_var, diff_var)
-        if psf_diff is not None:
-            psf_diff = ImagePsf(_decorrelate.difference_psf(psf_diff.image(), c_img.astype(sdt)))
+        from ._finalize import decorrelate_arrays
+
+        d_img, d_var, psf_diff, v_u, v_c = decorrelate_arrays(
+            diff_img,
+            diff_var,
+            v_u_plane,
+            v_c_plane,
+            good_u,
+            good_c,
+            kernel,
+            psf_diff,
+            science_matched=plan.mode == "convolveScience",
+        )
     else:
         d_img, d_var = diff_img, diff_var
+        v_u = clipped_mean_std(v_u_plane, good_u, max_samples=2**20)[0]
+        v_c = clipped_mean_std(v_c_plane, good_c, max_samples=2**20)[0]
+    svar, tvar = (v_u, v_c) if plan.mode == "convolveTemplate" else (v_c, v_u)
     difference = Exposure(
         d_img.astype(img_dtype),
         d_var.astype(img_dtype),

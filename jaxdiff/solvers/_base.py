@@ -50,4 +50,3 @@ def symmetric_solve(M: Float[Array, "m m"], b: Float[Array, " m"]) -> Float[Arra
     x_pinv = V @ (inv * (V.T @ bs))
     x = jnp.where(chol_ok, x_chol, x_pinv)
     return x * s
-

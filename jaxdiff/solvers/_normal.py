@@ -1,6 +1,5 @@
 """Stamp design matrices and weighted normal equations (ALGORITHM §7, §8.2), in the solve dtype."""
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -141,4 +140,3 @@ def stamp_alphas(theta, U, rows, cols):
 def batched(f, *args, batch_size: int = 64):
     """`lax.map` over the leading axis in chunks (bounded memory), vmapping inside a chunk."""
     return lax.map(lambda a: f(*a), args, batch_size=batch_size)
-

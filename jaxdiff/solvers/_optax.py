@@ -63,4 +63,3 @@ class OptaxSolver(AbstractSolver):
 
         (psi, _), _ = lax.scan(step, (psi0, opt_state), None, length=self.steps)
         return theta_of(psi), condition_number(M)
-

@@ -1,0 +1,178 @@
+"""Decorrelation of a difference image (`finalize`, ALGORITHM §11–12), shared by the core and the task."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import decorrelate as _decorrelate
+from ._exposure import Exposure
+from ._kernel import SpatialKernel
+from ._psf import ImagePsf
+from ._stats import clipped_mean_std, standard_good
+from ._types import solve_dtype
+
+_GRID = 4  # nodes of the spatially varying variant: centres of a 4 × 4 partition
+
+
+def variance_level(variance, good):
+    """Clipped mean of a variance plane over good pixels (the svar / tvar of ALGORITHM §11)."""
+    mean, _, _ = clipped_mean_std(variance, good, max_samples=2**20)
+    return mean
+
+
+def decorrelate_arrays(
+    diff_img,
+    diff_var,
+    var_u,
+    var_c,
+    good_u,
+    good_c,
+    kernel: SpatialKernel,
+    psf,
+    *,
+    science_matched: bool,
+    preconv_kernel=None,
+    spatially_varying: bool = False,
+):
+    """Decorrelate difference pixels on the science box.
+
+    Arguments:
+        diff_img, diff_var: the difference and its (undecorrelated) variance.
+        var_u, var_c: unconvolved and convolved images' variance planes on the science box.
+        good_u, good_c: pixels entering the clipped variance levels (standard exclusions).
+        kernel: the matching kernel (its centre value is used; node values when spatially varying).
+        psf: PSF of the undecorrelated difference, or None.
+        science_matched: True when the science was convolved (weights ÷ κ₀²).
+        preconv_kernel: the preconvolution kernel P for score images, or None.
+        spatially_varying: use the 4 × 4-node variant.
+
+    Returns:
+        (image, variance, psf) of the decorrelated difference; the PSF is P ∗ c renormalised.
+    """
+    v_u = variance_level(var_u, good_u)
+    v_c = variance_level(var_c, good_c)
+    k0 = kernel.coefficients[0, 0]
+    if spatially_varying:
+        ny, nx = diff_img.shape
+        ry = np.linspace(0, ny, _GRID + 1).round().astype(int)
+        rx = np.linspace(0, nx, _GRID + 1).round().astype(int)
+        node_y = 0.5 * (ry[:-1] + ry[1:] - 1)
+        node_x = 0.5 * (rx[:-1] + rx[1:] - 1)
+        x0, y0 = kernel.box[0], kernel.box[1]
+        kernels = jnp.stack(
+            [
+                jnp.stack([kernel.image(x0 + node_x[i], y0 + node_y[j]) for i in range(_GRID)])
+                for j in range(_GRID)
+            ]
+        )
+        vu = jnp.stack(
+            [
+                jnp.stack(
+                    [
+                        variance_level(
+                            var_u[ry[j] : ry[j + 1], rx[i] : rx[i + 1]],
+                            good_u[ry[j] : ry[j + 1], rx[i] : rx[i + 1]],
+                        )
+                        for i in range(_GRID)
+                    ]
+                )
+                for j in range(_GRID)
+            ]
+        )
+        vc = jnp.stack(
+            [
+                jnp.stack(
+                    [
+                        variance_level(
+                            var_c[ry[j] : ry[j + 1], rx[i] : rx[i + 1]],
+                            good_c[ry[j] : ry[j + 1], rx[i] : rx[i + 1]],
+                        )
+                        for i in range(_GRID)
+                    ]
+                )
+                for j in range(_GRID)
+            ]
+        )
+        img, var, c_img = _decorrelate.decorrelate_spatial(
+            diff_img,
+            var_u,
+            var_c,
+            kernels,
+            vu,
+            vc,
+            jnp.asarray(node_x),
+            jnp.asarray(node_y),
+            preconv_kernel=preconv_kernel,
+        )
+    else:
+        img, var, c_img = _decorrelate.decorrelate(
+            diff_img, var_u, var_c, kernel.image(), v_u, v_c, preconv_kernel=preconv_kernel
+        )
+    if science_matched:
+        var = var / k0**2
+    var = jnp.where(jnp.isfinite(diff_img), var, diff_var).astype(diff_var.dtype)
+    img = img.astype(diff_img.dtype)
+    if psf is not None and preconv_kernel is None:
+        psf = ImagePsf(
+            _decorrelate.difference_psf(psf.image().astype(solve_dtype()), c_img.astype(solve_dtype()))
+        )
+    return img, var, psf, v_u, v_c
+
+
+def _cut_to(template: Exposure, science: Exposure, plane):
+    sx0, sy0, _, _ = science.bbox
+    tx0, ty0, _, _ = template.bbox
+    ny, nx = science.shape
+    return plane[sy0 - ty0 : sy0 - ty0 + ny, sx0 - tx0 : sx0 - tx0 + nx]
+
+
+def finalize(
+    template: Exposure,
+    science: Exposure,
+    difference: Exposure,
+    kernel: SpatialKernel,
+    *,
+    template_matched: bool = True,
+    preconv_mode: bool = False,
+    preconv_kernel=None,
+    spatially_varying: bool = False,
+) -> Exposure:
+    """Decorrelate `difference` given the two inputs and the matching kernel (eager entry point)."""
+    if preconv_mode and preconv_kernel is None:
+        preconv_kernel = science.psf.image() if science.psf is not None else None
+        if preconv_kernel is None:
+            raise ValueError("preconv_mode needs preconv_kernel or a science PSF")
+    if preconv_kernel is not None:
+        preconv_kernel = jnp.asarray(preconv_kernel)
+        if preconv_kernel.shape[0] % 2 == 0 or preconv_kernel.shape[0] != preconv_kernel.shape[1]:
+            raise ValueError(
+                f"preconv_kernel must be square and odd-sized, got shape {tuple(preconv_kernel.shape)}"
+            )
+    t_var = _cut_to(template, science, template.variance)
+    t_img = _cut_to(template, science, template.image)
+    t_mask = _cut_to(template, science, template.mask)
+    good_s = standard_good(science.image, science.variance, science.mask, science.mask_planes)
+    good_t = standard_good(t_img, t_var, t_mask, template.mask_planes)
+    if template_matched:
+        args = (science.variance, t_var, good_s, good_t)
+    else:
+        args = (t_var, science.variance, good_t, good_s)
+    img, var, psf, _, _ = decorrelate_arrays(
+        difference.image,
+        difference.variance,
+        *args,
+        kernel,
+        difference.psf,
+        science_matched=not template_matched,
+        preconv_kernel=preconv_kernel if preconv_mode else None,
+        spatially_varying=spatially_varying,
+    )
+    return Exposure(
+        img,
+        var,
+        difference.mask,
+        psf,
+        difference.xy0,
+        difference.photo_calib,
+        difference.wcs,
+        difference.mask_planes,
+    )
