@@ -1,0 +1,228 @@
+"""Robust statistics of masked images with fixed shapes (ALGORITHM §1 "Clipped statistics", §4.1).
+
+Every function takes the values and a boolean `good` mask of the same shape instead of indexing with it, so
+shapes stay static under `jit` and `vmap`. Large inputs may be reduced to a fixed regular (strided) subsample
+with the static `max_samples`. Sums, sorts and quantiles run in `_types.solve_dtype()` (float64 when x64 is on).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from ._mask import PlaneTable, bitmask
+from ._types import Array, Bool, Float, Image, MaskImage, Scalar, solve_dtype
+
+STANDARD_EXCLUSIONS: tuple[str, ...] = (
+    "INTRP",
+    "EDGE",
+    "DETECTED",
+    "DETECTED_NEGATIVE",
+    "SAT",
+    "CR",
+    "BAD",
+    "NO_DATA",
+)
+
+# 0.7413 · IQR is the standard deviation of a Gaussian (1 / (2 · 0.6745)).
+_IQR_TO_SIGMA = 0.7413
+
+
+def _subsample(values, good, max_samples: int | None):
+    """Flatten, cast to the accumulation dtype and keep every s-th element so that at most max_samples remain."""
+    flat = jnp.ravel(values).astype(solve_dtype())
+    keep = jnp.ravel(good)
+    if max_samples is not None and flat.size > max_samples:
+        stride = math.ceil(flat.size / max_samples)
+        flat, keep = flat[::stride], keep[::stride]
+    return flat, keep
+
+
+def _quantiles_flat(flat, keep, q):
+    """Linear-interpolated quantiles of flat[keep] via a sort with the rejected values moved to +inf."""
+    n = jnp.sum(keep)
+    ordered = jnp.sort(jnp.where(keep, flat, jnp.inf))
+    pos = jnp.asarray(q, flat.dtype) * jnp.maximum(n - 1, 0).astype(flat.dtype)
+    lo = jnp.floor(pos).astype(jnp.int32)
+    hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
+    frac = pos - lo
+    a, b = ordered[lo], ordered[hi]
+    # a, b are finite whenever n > 0; the guard keeps inf out of the n == 0 branch and its gradient.
+    a = jnp.where(n > 0, a, 0.0)
+    b = jnp.where(n > 0, b, 0.0)
+    return jnp.where(n > 0, a + frac * (b - a), jnp.nan)
+
+
+def quantile_masked(
+    values: Float[Array, "..."], good: Bool[Array, "..."], q, max_samples: int | None = None
+) -> Float[Array, "..."]:
+    """Quantiles of the good values (linear interpolation, as `numpy.quantile`).
+
+    Arguments:
+        values: any shape; entries where `good` is False are ignored (they may be NaN).
+        good: boolean, same shape as `values`.
+        q: a quantile in [0, 1] or an array of them.
+        max_samples: static cap on the number of elements examined (a regular strided subsample); None: all.
+
+    Returns:
+        An array shaped like `q` in the accumulation dtype; NaN when no value is good.
+    """
+    flat, keep = _subsample(values, good, max_samples)
+    return _quantiles_flat(flat, keep, q)
+
+
+def _mean_std(flat, keep):
+    n = jnp.sum(keep)
+    nf = n.astype(flat.dtype)
+    x = jnp.where(keep, flat, 0.0)
+    mean = jnp.sum(x) / jnp.maximum(nf, 1.0)
+    ss = jnp.sum(jnp.where(keep, (x - mean) ** 2, 0.0)) / jnp.maximum(nf - 1.0, 1.0)
+    std = jnp.where(ss > 0, jnp.sqrt(jnp.where(ss > 0, ss, 1.0)), 0.0)
+    return jnp.where(n > 0, mean, jnp.nan), std, n
+
+
+def clipped_mean_std(
+    values: Float[Array, "..."],
+    good: Bool[Array, "..."],
+    n_iter: int = 3,
+    nsigma: float = 3.0,
+    max_samples: int | None = None,
+) -> tuple[Scalar, Scalar, Array]:
+    """Iteratively sigma-clipped mean and standard deviation (ALGORITHM §1).
+
+    Pass 1 keeps values within nsigma·σ₀ of the median, σ₀ = 0.7413·IQR; each later pass keeps values within
+    nsigma·std of the previous pass's mean.
+
+    Arguments:
+        values: any shape; entries where `good` is False are ignored (they may be NaN).
+        good: boolean, same shape.
+        n_iter: number of passes, static (default 3).
+        nsigma: clipping threshold in standard deviations (default 3).
+        max_samples: static cap on the number of elements examined (regular strided subsample); None: all.
+
+    Returns:
+        (mean, std, n): mean and sample standard deviation (ddof 1; 0 for a single value) of the values kept by
+        the last pass, in the accumulation dtype, and their count. The mean is NaN when no value is good.
+    """
+    flat, keep = _subsample(values, good, max_samples)
+    med, q25, q75 = _quantiles_flat(flat, keep, jnp.array([0.5, 0.25, 0.75]))
+    sigma0 = _IQR_TO_SIGMA * (q75 - q25)
+    sel = keep & (jnp.abs(flat - jnp.where(keep, med, 0.0)) <= nsigma * sigma0)
+    mean, std, n = _mean_std(flat, sel)
+    for _ in range(n_iter - 1):
+        sel = keep & (jnp.abs(flat - mean) <= nsigma * std)
+        mean, std, n = _mean_std(flat, sel)
+    return mean, std, n
+
+
+def _bin_centres(n: int, bin_size: int):
+    nb = -(-n // bin_size)
+    starts = jnp.arange(nb) * bin_size
+    widths = jnp.minimum(bin_size, n - starts)
+    return starts + (widths - 1) / 2
+
+
+def _interp_matrix(n: int, centres) -> Float[Array, "n nb"]:
+    """Weights of linear interpolation between bin centres, clamped outside them: shape (n, n_bins)."""
+    nb = centres.shape[0]
+    if nb == 1:
+        return jnp.ones((n, 1), centres.dtype)
+    pos = jnp.arange(n, dtype=centres.dtype)
+    return jax.vmap(lambda e: jnp.interp(pos, centres, e), out_axes=1)(jnp.eye(nb, dtype=centres.dtype))
+
+
+def median_background(image: Image, good: Bool[Array, "ny nx"], bin_size: int = 32) -> Image:
+    """Smooth background: the median of the good pixels in bin_size² bins, bilinear between bin centres.
+
+    Partial last bins are allowed (their centres sit at their own middles); interpolation is clamped beyond
+    the outermost centres. Bins without a good pixel take the median of the other bins (0 if none has one).
+
+    Arguments:
+        image: (ny, nx).
+        good: boolean (ny, nx); pixels to use.
+        bin_size: bin side in pixels, static (default 32).
+
+    Returns:
+        The background, shape (ny, nx), in the image's dtype.
+    """
+    ny, nx = image.shape
+    nby, nbx = -(-ny // bin_size), -(-nx // bin_size)
+    pad = ((0, nby * bin_size - ny), (0, nbx * bin_size - nx))
+    vals = jnp.pad(jnp.where(good, image, 0.0), pad)
+    keep = jnp.pad(good, pad)
+
+    def blocks(a):
+        return a.reshape(nby, bin_size, nbx, bin_size).transpose(0, 2, 1, 3).reshape(nby * nbx, -1)
+
+    med = jax.vmap(lambda v, g: quantile_masked(v, g, 0.5))(blocks(vals), blocks(keep))
+    has = jnp.isfinite(med)
+    fill = quantile_masked(med, has, 0.5)
+    fill = jnp.where(jnp.isfinite(fill), fill, 0.0)
+    med = jnp.where(has, med, fill).reshape(nby, nbx)
+    dtype = solve_dtype()
+    wy = _interp_matrix(ny, _bin_centres(ny, bin_size).astype(dtype))
+    wx = _interp_matrix(nx, _bin_centres(nx, bin_size).astype(dtype))
+    return (wy @ med @ wx.T).astype(image.dtype)
+
+
+def variance_factor(
+    image: Image,
+    variance: Image,
+    good: Bool[Array, "ny nx"],
+    bin_size: int = 32,
+    max_samples: int | None = 2**20,
+) -> tuple[Scalar, Scalar, Scalar, Array]:
+    """Factor by which to scale a variance plane so that it matches the pixel noise (ALGORITHM §4.1).
+
+    After subtracting `median_background`, the ratio estimate is (0.74·IQR(image/√variance))²; when it exceeds
+    10 the level estimate (0.74·IQR(image))²/median(variance) is used instead. With fewer than 2 good pixels
+    the factor is 1. The caller raises when both estimates exceed 10.
+
+    Arguments:
+        image: (ny, nx).
+        variance: (ny, nx), image units squared.
+        good: boolean (ny, nx); further restricted to finite image and variance > 0.
+        bin_size: background bin side, static (default 32).
+        max_samples: static cap on the pixels entering the quantiles (regular subsample; default 2²⁰).
+
+    Returns:
+        (factor, ratio_estimate, level_estimate, n_good): the factor to apply, both estimates (NaN with fewer
+        than 2 good pixels) and the number of good pixels.
+    """
+    good = good & jnp.isfinite(image) & jnp.isfinite(variance) & (variance > 0)
+    n_good = jnp.sum(good)
+    bg = median_background(image, good, bin_size)
+    resid = jnp.where(good, image - bg, 0.0)
+    safe_var = jnp.where(good, variance, 1.0)
+    q = jnp.array([0.25, 0.75])
+    r25, r75 = quantile_masked(resid / jnp.sqrt(safe_var), good, q, max_samples)
+    i25, i75 = quantile_masked(resid, good, q, max_samples)
+    med_var = quantile_masked(safe_var, good, 0.5, max_samples)
+    ratio_estimate = (0.74 * (r75 - r25)) ** 2
+    level_estimate = (0.74 * (i75 - i25)) ** 2 / jnp.where(med_var > 0, med_var, 1.0)
+    enough = n_good >= 2
+    ratio_estimate = jnp.where(enough, ratio_estimate, jnp.nan)
+    level_estimate = jnp.where(enough, level_estimate, jnp.nan)
+    factor = jnp.where(ratio_estimate > 10, level_estimate, ratio_estimate)
+    return jnp.where(enough, factor, 1.0), ratio_estimate, level_estimate, n_good
+
+
+def usable(image: Image, variance: Image) -> Bool[Array, "ny nx"]:
+    """Pixels with a finite image value and a finite, positive variance."""
+    return jnp.isfinite(image) & jnp.isfinite(variance) & (variance > 0)
+
+
+def standard_good(image: Image, variance: Image, mask: MaskImage, planes_table: PlaneTable) -> Bool[Array, "ny nx"]:
+    """Usable pixels free of the standard exclusions (INTRP, EDGE, DETECTED, DETECTED_NEGATIVE, SAT, CR, BAD,
+    NO_DATA; planes absent from the table are skipped).
+
+    Arguments:
+        image, variance: (ny, nx).
+        mask: integer bit mask (ny, nx).
+        planes_table: static (name, bit) pairs of the mask.
+
+    Returns:
+        Boolean (ny, nx).
+    """
+    bits = bitmask(planes_table, STANDARD_EXCLUSIONS)
+    return usable(image, variance) & ((mask & jnp.asarray(bits, mask.dtype)) == 0)
