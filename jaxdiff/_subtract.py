@@ -166,7 +166,7 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
     # --- variance rescaling (§4.1) ---
     def rescale(e: Exposure):
         if not cfg.do_scale_variance:
-            return e.variance, jnp.ones((), sdt), jnp.zeros((), sdt)
+            return e.variance, jnp.ones((), sdt), jnp.zeros((), bool)
         bad = bitmask(e.mask_planes, _RESCALE_EXCLUDE)
         good = (e.mask & bad) == 0
         f, r_est, l_est, _ = variance_factor(e.image, e.variance, good)
