@@ -39,3 +39,5 @@ from ._result import SubtractResult as SubtractResult
 from ._subtract import subtract as subtract
 from .solvers import LeastSquares as LeastSquares
 from .solvers import OptaxSolver as OptaxSolver
+from . import decorrelate as decorrelate
+from ._task import AlardLuptonSubtract as AlardLuptonSubtract
