@@ -15,7 +15,7 @@ _GRID = 4  # nodes of the spatially varying variant: centres of a 4 × 4 partiti
 
 def variance_level(variance, good):
     """Clipped mean of a variance plane over good pixels (the svar / tvar of ALGORITHM §11)."""
-    mean, _, _ = clipped_mean_std(variance, good, max_samples=2**20)
+    mean, _, _ = clipped_mean_std(variance, good, max_samples=2**18)
     return mean
 
 
