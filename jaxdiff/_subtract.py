@@ -19,6 +19,7 @@ from ._exposure import Exposure
 from ._fit import StampData, fit_kernel
 from ._kernel import SpatialKernel
 from ._mask import bitmask, plane_bit
+from ._preconvolve import fill_bad, preconvolution_kernel, preconvolve_science
 from ._prepare import (
     exclusion_bits,
     output_planes,
@@ -79,6 +80,9 @@ def make_plan(template: Exposure, science: Exposure, sources: Sources, config: S
     mode = resolve_mode(config.mode, wt, ws)
     if config.use_preconvolution:
         mode = "convolveTemplate"
+        preconvolution_kernel(science.psf)  # raises on an even PSF
+        if ws is not None:
+            ws = (ws[0] * np.sqrt(2.0), ws[1] * np.sqrt(2.0))  # fit FWHM_T → √2·FWHM_S (§12)
     k = config.kernel_size
     basis_mode = "config"
     if config.kernel_basis == "alard-lupton" and wt is not None and ws is not None:
@@ -179,6 +183,14 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
     # --- masks (§4.2) and template cut-out on the science box grown by h (§1) ---
     mask_s = prepare_science_mask(science.mask, science.mask_planes, out_planes)
     mask_t = prepare_template_mask(template.mask, template.mask_planes, out_planes, cfg)
+    pre = None
+    if cfg.use_preconvolution:  # score image (§12): fit T to P ∗ S over the inner box
+        pre = preconvolve_science(science.image, var_s, mask_s, science.xy0, out_planes, science.psf, cfg)
+        var_s_raw = var_s
+        t_filled, _ = fill_bad(template.image, template.mask, template.mask_planes, cfg.bad_mask_planes)
+        template = dataclasses.replace(template, image=t_filled)
+        science = dataclasses.replace(science, image=pre.image)
+        var_s, mask_s, box = pre.variance, pre.mask, pre.box
     offset = jnp.stack([science.xy0[1] - template.xy0[1], science.xy0[0] - template.xy0[0]])
     inside_t_full = jnp.ones(template.shape, bool)
     tg_img, tg_var, tg_mask, tg_inside = padded_cut(
@@ -214,6 +226,8 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
             sig_x = sig_y = None
         else:
             sig_x, sig_y = psf_x.sigma(), psf_y.sigma()
+            if pre is not None:
+                sig_y = sig_y * np.sqrt(2.0)
         widths, _ = _basis.alard_lupton_widths_traced(sig_x, sig_y, **_width_kwargs(cfg))
         fx, fy, mix = _basis.alard_lupton_factors(
             k, widths, tuple(cfg.al_deg_gauss), cfg.orthonormalize_basis
@@ -239,7 +253,7 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
     bad = bad | ~usable(science.image, var_s) | ~usable(t_img, t_var) | ~t_inside
     bad_table = _stamps.summed_area(bad)
     cx, cy = _stamps.centres(sources.x, sources.y, science.xy0)
-    margin = k if cfg.restrict_kernel_edge_sources else 0
+    margin = (k if cfg.restrict_kernel_edge_sources else 0) + (k if pre is not None else 0)
     ok = _stamps.usable_candidates(cx, cy, sources.valid, bad_table, (ny, nx), k, margin)
     side = 2 * k + 1
     snr = _snr(science.image, var_s, cy, cx, k)
@@ -343,7 +357,7 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
         )
         bg_model = background
         psf_diff = science.psf
-        v_u_plane, v_c_plane = var_s, t_var
+        v_u_plane, v_c_plane = (var_s if pre is None else var_s_raw), t_var
     else:
         diff_img = (conv_img - t_img + bg_sub) / k0
         diff_var = (conv_var + t_var) / k0**2
@@ -378,6 +392,7 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
             kernel,
             psf_diff,
             science_matched=plan.mode == "convolveScience",
+            preconv_kernel=None if pre is None else pre.kernel,
         )
     else:
         d_img, d_var = diff_img, diff_var
@@ -423,6 +438,8 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
         svar=svar,
         tvar=tvar,
     )
+    if pre is not None:
+        metadata["n_interpolated"] = pre.n_interpolated
     return SubtractResult(difference, matched, bg_model, kernel, metadata)
 
 
