@@ -17,6 +17,7 @@ from ._mask import bitmask
 from ._result import SubtractResult
 from ._sources import Sources
 from ._subtract import make_plan, psf_widths, subtract
+from ._types import x64_enabled
 
 
 def _box_str(e: Exposure) -> str:
@@ -181,7 +182,21 @@ class AlardLuptonSubtract(eqx.Module):
             science_psf_fwhm=None if ws is None else 2.3548 * float(np.sqrt(0.5 * (ws[0] ** 2 + ws[1] ** 2))),
         )
         metadata.update({f"timing.{k}": v for k, v in timing.items()})
-        return dataclasses.replace(result, metadata=metadata)
+        return _caller_precision(dataclasses.replace(result, metadata=metadata))
+
+
+def _caller_precision(tree):
+    """Cast float64 leaves to float32 when the caller runs without x64, so that using the result outside the
+    task's `enable_x64` scope does not warn about truncation on every operation."""
+    if x64_enabled():
+        return tree
+
+    def cast(leaf):
+        if isinstance(leaf, jax.Array) and leaf.dtype == np.float64:
+            return leaf.astype(np.float32)
+        return leaf
+
+    return jax.tree.map(cast, tree)
 
 
 def _fit_failure(err: Exception, coverage: float, cfg: SubtractConfig) -> Exception:
