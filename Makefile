@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 BOOT_PY := $(shell for c in $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12.*/bin/python3.12 2>/dev/null) python3.12 python3; do \
 	if $$c --version >/dev/null 2>&1; then echo $$c; break; fi; done)
 PYTEST_ARGS ?=
+# The `lsst` extra (LSST middleware, tests/test_lsst.py) needs Python >= 3.12; elsewhere those tests skip.
+LSST_EXTRA := $(shell $$(test -x $(PY) && echo $(PY) || echo $(BOOT_PY)) -c \
+	'import sys; print(",lsst" if sys.version_info >= (3, 12) else "")' 2>/dev/null)
 
 .PHONY: env demo test test-all bench lint format clean
 
@@ -14,7 +17,7 @@ env: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(BOOT_PY) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dask,bench]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dask,bench$(LSST_EXTRA)]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,0 +1,262 @@
+"""jaxdiff.lsst: a real PipelineTask run through the LSST middleware (skipped without `jaxdiff[lsst]`)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lsst.pipe.base")
+pytest.importorskip("lsst.images")
+
+import astropy.units as u  # noqa: E402
+import astropy.wcs  # noqa: E402
+import lsst.pipe.base as pipeBase  # noqa: E402
+from astro_metadata_translator import ObservationInfo  # noqa: E402
+from astropy.table import Table  # noqa: E402
+from lsst.daf.butler import Butler, DatasetType  # noqa: E402
+from lsst.images import Box, DetectorFrame, Image, Mask, MaskPlane, MaskSchema, SkyProjection, VisitImage  # noqa: E402
+from lsst.images._transforms import _ast as ast  # noqa: E402
+from lsst.images.cameras import Detector, DetectorAttributes, DetectorType, Orientation  # noqa: E402
+from lsst.images.cameras._camera_frame_set import CameraFrameSet  # noqa: E402
+from lsst.images.psfs import GaussianPointSpreadFunction  # noqa: E402
+from lsst.pipe.base.simple_pipeline_executor import SimplePipelineExecutor  # noqa: E402
+from lsst.sphgeom import ConvexPolygon, LonLat, UnitVector3d  # noqa: E402
+
+import jaxdiff as jd  # noqa: E402
+import jaxdiff.lsst as jl  # noqa: E402
+
+INSTRUMENT = "DummyCam"
+DATA_ID = {"instrument": INSTRUMENT, "visit": 1, "detector": 0}
+PLANES = ["BAD", "SATURATED", "INTERPOLATED", "COSMIC_RAY", "DETECTION_EDGE", "DETECTED", "NO_DATA", "MYPLANE"]
+
+
+def _detector(bbox: Box) -> Detector:
+    """A one-detector camera (focal plane in mm → pixels), built without obs_base."""
+    frames = ast.FrameSet(ast.Frame(2, "Ident=FOCAL_PLANE,Unit(1)=mm,Unit(2)=mm"))
+    frames.addFrame(ast.FrameSet.BASE, ast.ZoomMap(2, 1.0e-4), ast.Frame(2, "Ident=FIELD_ANGLE"))
+    det = ast.Frame(
+        2, f"Ident=DETECTOR_0,Bottom(1)={bbox.x.min},Top(1)={bbox.x.stop},Bottom(2)={bbox.y.min},Top(2)={bbox.y.stop}"
+    )
+    frames.addFrame(ast.FrameSet.BASE, ast.ZoomMap(2, 100.0), det)
+    attrs = DetectorAttributes(
+        name="det0",
+        id=0,
+        type=DetectorType.SCIENCE,
+        serial="0",
+        bbox=bbox,
+        orientation=Orientation(focal_plane_x=0.0, focal_plane_y=0.0, focal_plane_z=0.0),
+        pixel_size=0.01,
+        physical_type="dummy",
+    )
+    return Detector(attrs, [], CameraFrameSet(INSTRUMENT, frames))
+
+
+def make_visit_image(exposure: jd.Exposure, sigma: float, planes: dict[str, np.ndarray] | None = None):
+    """A `VisitImage` with a Gaussian PSF of width `sigma` holding an exposure's pixels."""
+    ny, nx = exposure.shape
+    x0, y0, _, _ = exposure.bbox
+    bbox = Box.from_shape((ny, nx), start=(y0, x0))
+    wcs = astropy.wcs.WCS(
+        {
+            "CTYPE1": "RA---TAN",
+            "CTYPE2": "DEC--TAN",
+            "CRPIX1": nx / 2,
+            "CRPIX2": ny / 2,
+            "CRVAL1": 150.0,
+            "CRVAL2": 2.0,
+            "CDELT1": -0.2 / 3600,
+            "CDELT2": 0.2 / 3600,
+            "CUNIT1": "deg",
+            "CUNIT2": "deg",
+        }
+    )
+    frame = DetectorFrame(instrument=INSTRUMENT, visit=1, detector=0, bbox=bbox)
+    mask = Mask(0, schema=MaskSchema([MaskPlane(n, n.lower()) for n in PLANES]), bbox=bbox)
+    for name, value in (planes or {}).items():
+        mask.set(name, value)
+    return VisitImage(
+        Image(np.asarray(exposure.image, np.float32), bbox=bbox, unit=u.nJy),
+        mask=mask,
+        variance=Image(np.asarray(exposure.variance, np.float32), bbox=bbox, unit=u.nJy**2),
+        sky_projection=SkyProjection.from_fits_wcs(wcs, frame, pixel_bounds=bbox, x0=x0, y0=y0),
+        obs_info=ObservationInfo.makeObservationInfo(physical_filter="r_dummy", instrument=INSTRUMENT),
+        psf=GaussianPointSpreadFunction(sigma, bbox, 25),
+        detector=_detector(bbox),
+        band="r",
+    )
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A simulated 256² pair with Gaussian PSFs as VisitImages, plus the source table."""
+    sim = jd.sim.simulate_pair((256, 256), seed=3, n_stars=120, template_sigma=1.6, science_sigma=2.2, xy0=(5, 7))
+    template = make_visit_image(sim.template, 1.6)
+    science = make_visit_image(sim.science, 2.2)
+    valid = np.asarray(sim.sources.valid)
+    sources = Table({"x": np.asarray(sim.sources.x)[valid], "y": np.asarray(sim.sources.y)[valid]})
+    return template, science, sources
+
+
+@pytest.fixture(scope="module")
+def direct(pair):
+    """`jd.AlardLuptonSubtract().run` on the converted exposures."""
+    template, science, sources = pair
+    return jd.AlardLuptonSubtract().run(jl.to_exposure(template), jl.to_exposure(science), jl.to_sources(sources))
+
+
+def test_conversion_round_trip():
+    rng = np.random.default_rng(0)
+    shape = (30, 40)
+    exp = jd.Exposure(rng.normal(size=shape).astype(np.float32), np.full(shape, 2.0, np.float32), xy0=(11, 13))
+    sat = rng.random(shape) < 0.1
+    cr = rng.random(shape) < 0.1
+    mine = rng.random(shape) < 0.1
+    vi = make_visit_image(exp, 1.5, {"SATURATED": sat, "COSMIC_RAY": cr, "MYPLANE": mine})
+    back = jl.to_exposure(vi)
+    planes = dict(back.mask_planes)
+    assert back.bbox == exp.bbox
+    np.testing.assert_array_equal(np.asarray(back.image), np.asarray(exp.image))
+    np.testing.assert_array_equal(np.asarray(back.variance), np.asarray(exp.variance))
+    bits = np.asarray(back.mask)
+    np.testing.assert_array_equal((bits >> planes["SAT"]) & 1, sat)
+    np.testing.assert_array_equal((bits >> planes["CR"]) & 1, cr)
+    np.testing.assert_array_equal((bits >> planes["MYPLANE"]) & 1, mine)
+    assert planes["SAT"] == jd.MASK_PLANES["SAT"] and "SATURATED" not in planes
+    # PSF: the LSST Gaussian evaluated at the centre, unit sum, width 1.5
+    psf = np.asarray(back.psf.image())
+    assert psf.shape[0] % 2 == 1 and abs(psf.sum() - 1) < 1e-12
+    assert abs(float(back.psf.sigma()) - 1.5) < 0.05
+    assert back.wcs is not None and back.wcs.has_celestial
+    vi2 = jl.from_exposure(back, vi)
+    assert vi2.bbox == vi.bbox
+    np.testing.assert_array_equal(vi2.image.array, vi.image.array)
+    np.testing.assert_array_equal(vi2.variance.array, vi.variance.array)
+    for name in ("SATURATED", "COSMIC_RAY", "MYPLANE"):
+        np.testing.assert_array_equal(vi2.mask.get(name), vi.mask.get(name))
+
+
+def test_kernel_export_is_rotated(direct):
+    kernel = direct.psf_matching_kernel
+    lk = jl.kernel_to_lsst(kernel)
+    for x, y in [(20, 30), (200, 100), (130, 250)]:
+        got = lk.compute_kernel_image(x=x, y=y).array
+        want = np.asarray(kernel.image(x, y))[::-1, ::-1]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+
+
+def test_run_matches_core(pair, direct):
+    template, science, sources = pair
+    task = jl.AlardLuptonSubtractTask()
+    out = task.run(template, science, sources)
+    assert isinstance(out, pipeBase.Struct)
+    np.testing.assert_array_equal(out.difference.image.array, np.asarray(direct.difference.image, np.float32))
+    np.testing.assert_array_equal(out.difference.variance.array, np.asarray(direct.difference.variance, np.float32))
+    assert out.difference.bbox == science.bbox
+    assert out.difference.psf is science.psf
+    assert out.difference.kernel is out.psfMatchingKernel
+    assert len(out.kernelSources) == len(sources)
+    md = task.getFullMetadata()["alardLuptonSubtract"]
+    assert md["templateCoveragePercent"] == pytest.approx(100 * direct.metadata["template_coverage"])
+    assert md["spatialKernelSum"] == pytest.approx(direct.metadata["kernel_sum"])
+    assert md["convolvedExposure"] == "Template"
+    assert md["nPsfSources"] >= task.config.minKernelSources
+    for key in ("sciencePsfSize", "templatePsfSize", "scaleScienceVarianceFactor", "spatialConditionNum"):
+        assert np.isfinite(md[key])
+    assert md["sciencePsfSize"] > md["templatePsfSize"]
+    assert "runEndCpuTime" in md and "convertInputsEndCpuTime" in md
+
+
+def test_errors_are_mapped(pair):
+    template, science, sources = pair
+    task = jl.AlardLuptonSubtractTask()
+    # template that covers nothing → NoWorkFound
+    exp = jl.to_exposure(template)
+    nodata = jd.Exposure(exp.image, exp.variance, np.full(exp.shape, 1 << jd.MASK_PLANES["NO_DATA"]), xy0=exp.xy0)
+    empty = make_visit_image(nodata, 1.6, {"NO_DATA": np.ones(exp.shape, bool)})
+    with pytest.raises(pipeBase.NoWorkFound):
+        task.run(empty, science, sources)
+    with pytest.raises(jl.InsufficientKernelSourcesError) as info:
+        task.run(template, science, sources[:0])
+    assert isinstance(info.value, pipeBase.AlgorithmError)
+    assert info.value.metadata["nRequired"] == task.config.minKernelSources
+
+
+def test_config_maps_to_core():
+    config = jl.AlardLuptonSubtractConfig()
+    assert config.toSubtractConfig() == jd.SubtractConfig()
+    config.mode = "convolveScience"
+    config.spatialKernelOrder = 2
+    config.doDecorrelation = False
+    sc = config.toSubtractConfig()
+    assert (sc.mode, sc.spatial_kernel_order, sc.do_decorrelation) == ("convolveScience", 2, False)
+    config.sizeCellY = 64
+    with pytest.raises(Exception, match="sizeCellX"):
+        config.validate()
+
+
+def _make_repo(root, template, science, sources):
+    Butler.makeRepo(root)
+    butler = Butler.from_config(root, writeable=True, run="inputs")
+    reg = butler.registry
+    reg.insertDimensionData("instrument", {"name": INSTRUMENT, "detector_max": 4, "visit_max": 100})
+    reg.insertDimensionData("physical_filter", {"instrument": INSTRUMENT, "name": "r_dummy", "band": "r"})
+    reg.insertDimensionData("day_obs", {"instrument": INSTRUMENT, "id": 20250101})
+    reg.insertDimensionData("detector", {"instrument": INSTRUMENT, "id": 0, "full_name": "det0"})
+    reg.insertDimensionData(
+        "visit", {"instrument": INSTRUMENT, "id": 1, "physical_filter": "r_dummy", "day_obs": 20250101}
+    )
+    corners = [(149.99, 1.99), (150.01, 1.99), (150.01, 2.01), (149.99, 2.01)]
+    region = ConvexPolygon([UnitVector3d(LonLat.fromDegrees(a, d)) for a, d in corners])
+    reg.insertDimensionData("visit_detector_region", {**DATA_ID, "region": region})
+    connections = jl.AlardLuptonSubtractConnections(config=jl.AlardLuptonSubtractConfig())
+    for conn, value in [("template", template), ("science", science), ("sources", sources)]:
+        c = getattr(connections, conn)
+        reg.registerDatasetType(DatasetType(c.name, c.dimensions, c.storageClass, universe=butler.dimensions))
+        butler.put(value, c.name, DATA_ID)
+
+
+def test_butler_run(tmp_path, pair, direct):
+    template, science, sources = pair
+    root = str(tmp_path / "repo")
+    _make_repo(root, template, science, sources)
+    out = SimplePipelineExecutor.prep_butler(root, inputs=["inputs"], output="out/spe")
+    spe = SimplePipelineExecutor.from_task_class(
+        jl.AlardLuptonSubtractTask, config=jl.AlardLuptonSubtractConfig(), label="subtractImages", butler=out
+    )
+    quanta = spe.run(register_dataset_types=True)
+    assert len(quanta) == 1
+    butler = Butler.from_config(root, collections=["out/spe"])
+    diff = butler.get("difference_image_predetection", DATA_ID)
+    np.testing.assert_array_equal(diff.image.array, np.asarray(direct.difference.image, np.float32))
+    assert diff.bbox == science.bbox
+    kimg = diff.kernel.compute_kernel_image(x=100, y=100).array
+    np.testing.assert_allclose(kimg, np.asarray(direct.psf_matching_kernel.image(100, 100))[::-1, ::-1], atol=1e-12)
+    assert diff.psf.compute_kernel_image(x=100, y=100).array.shape == (25, 25)
+    assert "DETECTED" in diff.mask.schema.names
+    assert butler.exists("template_matched", DATA_ID) and butler.exists("difference_kernel_sources", DATA_ID)
+    md = butler.get("subtractImages_metadata", DATA_ID)["subtractImages"]
+    assert md["spatialKernelSum"] == pytest.approx(direct.metadata["kernel_sum"])
+    assert "runStartUtc" in md
+    config = butler.get("subtractImages_config")
+    assert config.mode == "convolveTemplate" and config.requiredTemplateFraction == 0.1
+
+    # pipetask CLI on the same repository
+    pipetask = os.path.join(os.path.dirname(sys.executable), "pipetask")
+    if not os.path.exists(pipetask):
+        pytest.skip("no pipetask executable next to the interpreter")
+    pipe = tmp_path / "pipe.yaml"
+    pipe.write_text(
+        "description: jaxdiff test\ntasks:\n  subtractImages:\n    class: jaxdiff.lsst.AlardLuptonSubtractTask\n"
+        "    config:\n      doDecorrelation: false\n"
+    )
+    cmd = [pipetask, "run", "-b", root, "-i", "inputs", "-o", "out/cli", "-p", str(pipe), "--register-dataset-types"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cli = Butler.from_config(root, collections=["out/cli"]).get("difference_image_predetection", DATA_ID)
+    undecorrelated = jd.AlardLuptonSubtract(do_decorrelation=False).run(
+        jl.to_exposure(template), jl.to_exposure(science), jl.to_sources(sources)
+    )
+    # another process: equal up to float32 rounding of the fit
+    np.testing.assert_allclose(cli.image.array, np.asarray(undecorrelated.difference.image), rtol=1e-5, atol=1e-3)
