@@ -250,16 +250,12 @@ def test_butler_run(repo, pair, direct):
     assert config.mode == "convolveTemplate" and config.requiredTemplateFraction == 0.1
 
 
-def test_pipetask_cli(repo, direct, tmp_path):
+def test_pipetask_cli(repo, direct):
     pipetask = os.path.join(os.path.dirname(sys.executable), "pipetask")
     if not os.path.exists(pipetask):
         pytest.skip("no pipetask executable next to the interpreter")
-    pipe = tmp_path / "pipe.yaml"
-    pipe.write_text(
-        "description: jaxdiff test\ntasks:\n  subtractImages:\n    class: jaxdiff.lsst.AlardLuptonSubtractTask\n"
-        "    config:\n      requiredTemplateFraction: 0.05\n"
-    )
-    cmd = [pipetask, "run", "-b", repo, "-i", "inputs", "-o", "out/cli", "-p", str(pipe), "--register-dataset-types"]
+    cmd = [pipetask, "run", "-b", repo, "-i", "inputs", "-o", "out/cli", "-p", jl.PIPELINE]
+    cmd += ["-c", "subtractImages:requiredTemplateFraction=0.05", "--register-dataset-types"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     butler = Butler.from_config(repo, collections=["out/cli"])
@@ -267,3 +263,28 @@ def test_pipetask_cli(repo, direct, tmp_path):
     diff = butler.get("difference_image_predetection", DATA_ID)
     # another process: equal up to float32 rounding in the fit
     np.testing.assert_allclose(diff.image.array, np.asarray(direct.difference.image), rtol=1e-5, atol=1e-3)
+
+
+def test_finalize_delegates(pair, direct):
+    template, science, _ = pair
+    task = jl.AlardLuptonSubtractTask()
+    kernel = direct.psf_matching_kernel
+    difference = jl.from_exposure(direct.difference, science)
+    out = task.finalize(template, science, difference, kernel)
+    want = jd.AlardLuptonSubtract().finalize(
+        jl.to_exposure(template), jl.to_exposure(science), jl.to_exposure(difference), kernel
+    )
+    assert isinstance(out, pipeBase.Struct)
+    np.testing.assert_array_equal(out.difference.image.array, np.asarray(want.image, np.float32))
+    assert "finalizeEndCpuTime" in task.getFullMetadata()["alardLuptonSubtract"]
+
+
+def test_task_api():
+    task = jl.AlardLuptonSubtractTask(name="subtractImages")
+    assert task.getName() == "subtractImages" and task.getFullName() == "subtractImages"
+    assert jl.AlardLuptonSubtractTask.canMultiprocess
+    with task.timer("step"):
+        pass
+    assert "stepEndCpuTime" in task.metadata
+    task.emptyMetadata()
+    assert "stepEndCpuTime" not in task.metadata

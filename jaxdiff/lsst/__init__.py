@@ -1,8 +1,11 @@
 """LSST pipeline integration: `AlardLuptonSubtractTask`, a real `lsst.pipe.base.PipelineTask`.
 
 Needs the optional extra `jaxdiff[lsst]` (Python ≥ 3.12). This is the only jaxdiff module that imports
-`lsst.*`; `import jaxdiff` does not import it.
+`lsst.*`; `import jaxdiff` does not import it. `PIPELINE` is the path of a pipeline YAML running the
+task under LSST's label `subtractImages`.
 """
+
+import os as _os
 
 from ._convert import from_exposure as from_exposure
 from ._convert import images_name as images_name
@@ -16,3 +19,5 @@ from ._task import AlardLuptonSubtractConnections as AlardLuptonSubtractConnecti
 from ._task import AlardLuptonSubtractTask as AlardLuptonSubtractTask
 from ._task import InsufficientKernelSourcesError as InsufficientKernelSourcesError
 from ._task import NoKernelCandidatesError as NoKernelCandidatesError
+
+PIPELINE: str = _os.path.join(_os.path.dirname(__file__), "pipelines", "subtractImages.yaml")
