@@ -183,6 +183,10 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
     # --- masks (§4.2) and template cut-out on the science box grown by h (§1) ---
     mask_s = prepare_science_mask(science.mask, science.mask_planes, out_planes)
     mask_t = prepare_template_mask(template.mask, template.mask_planes, out_planes, cfg)
+    if nodata_bit is not None:  # non-finite pixels carry no data: flag them so they are excluded and masked
+        nd = jnp.asarray(1 << nodata_bit, mask_s.dtype)
+        mask_s = mask_s | jnp.where(jnp.isfinite(science.image) & jnp.isfinite(var_s), 0, nd)
+        mask_t = mask_t | jnp.where(jnp.isfinite(template.image) & jnp.isfinite(var_t), 0, nd)
     pre = None
     if cfg.use_preconvolution:  # score image (§12): fit T to P ∗ S over the inner box
         pre = preconvolve_science(science.image, var_s, mask_s, science.xy0, out_planes, science.psf, cfg)
@@ -229,9 +233,7 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
             if pre is not None:
                 sig_y = sig_y * np.sqrt(2.0)
         widths, _ = _basis.alard_lupton_widths_traced(sig_x, sig_y, **_width_kwargs(cfg))
-        fx, fy, mix = _basis.alard_lupton_factors(
-            k, widths, tuple(cfg.al_deg_gauss), cfg.orthonormalize_basis
-        )
+        fx, fy, mix = _basis.alard_lupton_factors(k, widths, tuple(cfg.al_deg_gauss), cfg.orthonormalize_basis)
         basis_images = jnp.einsum("br,rv,ru->bvu", mix, fy, fx)
     else:
         basis_images = _basis.delta_function(k).astype(sdt)
@@ -303,13 +305,7 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
     theta = fit.theta
     P = spatial.n_terms(P_order)
     spatial.n_terms(Q_order)
-    coeffs = (
-        jnp.zeros((n, P), sdt)
-        .at[0, 0]
-        .set(theta[0])
-        .at[1:, :]
-        .set(theta[1 : 1 + (n - 1) * P].reshape(n - 1, P))
-    )
+    coeffs = jnp.zeros((n, P), sdt).at[0, 0].set(theta[0]).at[1:, :].set(theta[1 : 1 + (n - 1) * P].reshape(n - 1, P))
     bg_coeffs = theta[1 + (n - 1) * P :]
     kernel = SpatialKernel(basis_images, coeffs, box, P_order, cfg.spatial_model_type)
     kappa0 = theta[0]

@@ -28,13 +28,14 @@ def robust_sigma(values) -> float:
 
 
 def star_free(*exposures, grow: int = 6, nsig: float = 3.0) -> np.ndarray:
-    """Pixels with no ≥ nsig pixel within ±grow in any of the exposures, and mask 0 in all."""
+    """Pixels with no ≥ nsig pixel within ±grow in any of the exposures, and no bad mask bit in any."""
     keep = np.ones(exposures[0].shape, bool)
     for e in exposures:
         img, var = np.asarray(e.image, np.float64), np.asarray(e.variance, np.float64)
         snr = np.where(var > 0, img / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)
         keep &= ~ndimage.maximum_filter(snr > nsig, size=2 * grow + 1)
-        keep &= np.asarray(e.mask) == 0
+        names = [n for n, _ in e.mask_planes if n in ("NO_DATA", "BAD", "SAT", "EDGE", "SAT_TEMPLATE")]
+        keep &= (np.asarray(e.mask) & _bits(e, *names)) == 0
         keep &= var > 0
     return keep
 
@@ -123,6 +124,7 @@ def test_decam_pair(decam_pair, decam_result):
 
 
 @pytest.mark.data
+@pytest.mark.slow
 @needs_decam
 def test_decam_stacks_vs_sfft():
     """sfft's stacks: compare the difference and kernel sum with `FinalDifference.fits`/`FinalMatchKernel`."""
@@ -188,7 +190,7 @@ def test_jwst_full_loader_masks_bad_error():
 
 @pytest.mark.data
 @needs_jwst
-@pytest.mark.parametrize("mode", ["convolveTemplate", "convolveScience"])
+@pytest.mark.parametrize("mode", ["convolveTemplate", pytest.param("convolveScience", marks=pytest.mark.slow)])
 def test_jwst_pair(jwst_pair, mode):
     from astropy.io import fits
 
@@ -212,3 +214,109 @@ def test_jwst_pair(jwst_pair, mode):
     theirs = robust_sigma(sfft[free])
     assert 0.75 < ours < 1.15, ours
     assert abs(ours - theirs) < 0.35, (ours, theirs)
+
+
+# ------------------------------------------------------------------------------ robustness (simulated)
+
+SIM_SHAPE = (160, 160)
+
+
+@pytest.fixture(scope="module")
+def sim():
+    return simulate_pair(SIM_SHAPE, seed=3, n_stars=60, dtype=np.float64)
+
+
+def _replace(e, **kw):
+    args = dict(image=e.image, variance=e.variance, mask=e.mask, psf=e.psf, xy0=e.xy0, photo_calib=e.photo_calib)
+    args.update(kw)
+    return jd.Exposure(**args, wcs=e.wcs, mask_planes=e.mask_planes)
+
+
+def _bits(e, *names):
+    return sum(1 << plane_bit(e.mask_planes, n) for n in names)
+
+
+def test_nan_region_in_template_stays_local(sim):
+    img = np.array(sim.template.image)
+    img[60:75, 70:90] = np.nan
+    template = _replace(sim.template, image=img)
+    res = jd.AlardLuptonSubtract().run(template, sim.science, sim.sources)
+    diff = np.asarray(res.difference.image)
+    half = res.metadata["kernel_size"] // 2
+    near = np.zeros(SIM_SHAPE, bool)
+    near[60 - half : 75 + half, 70 - half : 90 + half] = True
+    assert np.all(np.isfinite(diff[~near])), "NaN spread beyond the kernel footprint"
+    # the hole itself is flagged, whatever value it holds
+    hole_flagged = (np.asarray(res.difference.mask)[60:75, 70:90] & _bits(res.difference, "NO_DATA", "BAD")) != 0
+    assert hole_flagged.all()
+
+
+def test_all_nan_image_raises(sim):
+    template = _replace(sim.template, image=np.full(SIM_SHAPE, np.nan))
+    with pytest.raises(ValueError, match="template"):
+        jd.AlardLuptonSubtract().run(template, sim.science, sim.sources)
+
+
+@pytest.mark.slow
+def test_saturated_stars_not_used_as_stamps(sim):
+    base = jd.AlardLuptonSubtract(do_decorrelation=False).run(sim.template, sim.science, sim.sources)
+    mask = np.array(sim.science.mask)
+    sat = _bits(sim.science, "SAT")
+    xs, ys = np.asarray(sim.sources.x), np.asarray(sim.sources.y)
+    for x, y in zip(xs[:3], ys[:3], strict=True):
+        mask[int(y) - 2 : int(y) + 3, int(x) - 2 : int(x) + 3] |= sat
+    science = _replace(sim.science, mask=mask)
+    res = jd.AlardLuptonSubtract(do_decorrelation=False).run(sim.template, science, sim.sources)
+    assert res.metadata["n_stamps"] <= base.metadata["n_stamps"] - 3
+    # the SAT pixels stay flagged in the difference
+    assert (np.asarray(res.difference.mask)[int(ys[0]), int(xs[0])] & sat) != 0
+
+
+@pytest.mark.slow
+def test_xy0_offset_and_larger_template():
+    pair = simulate_pair(SIM_SHAPE, seed=4, n_stars=60, template_border=10, xy0=(1000, 2000), dtype=np.float64)
+    assert pair.template.shape == (180, 180)
+    res = jd.AlardLuptonSubtract(do_subtract_background=True).run(pair.template, pair.science, pair.sources)
+    d = res.difference
+    assert d.shape == SIM_SHAPE and tuple(np.asarray(d.xy0)) == (1000, 2000)
+    img, var = np.asarray(d.image), np.asarray(d.variance)
+    assert np.all(np.isfinite(img))
+    free = star_free(d)
+    assert robust_sigma(img[free] / np.sqrt(var[free])) == pytest.approx(1.0, abs=0.1)
+    assert float(res.psf_matching_kernel.kernel_sum()) == pytest.approx(1.0, abs=0.03)
+
+
+@pytest.mark.slow
+def test_float32_and_float64_agree():
+    kw = dict(seed=5, n_stars=60)
+    r64 = jd.AlardLuptonSubtract().run(*_triple(simulate_pair(SIM_SHAPE, dtype=np.float64, **kw)))
+    r32 = jd.AlardLuptonSubtract().run(*_triple(simulate_pair(SIM_SHAPE, dtype=np.float32, **kw)))
+    d64, d32 = np.asarray(r64.difference.image, np.float64), np.asarray(r32.difference.image, np.float64)
+    noise = np.sqrt(np.median(np.asarray(r64.difference.variance)))
+    assert np.all(np.isfinite(d32))
+    assert np.max(np.abs(d64 - d32)) < 0.01 * noise
+    assert float(r32.psf_matching_kernel.kernel_sum()) == pytest.approx(
+        float(r64.psf_matching_kernel.kernel_sum()), rel=1e-4
+    )
+
+
+def _triple(pair):
+    return pair.template, pair.science, pair.sources
+
+
+def test_template_no_data_stripes():
+    stripes = ((0, 40, 160, 44), (100, 0, 103, 160))
+    pair = simulate_pair(SIM_SHAPE, seed=6, n_stars=60, no_data_regions=stripes, dtype=np.float64)
+    res = jd.AlardLuptonSubtract(do_subtract_background=True).run(*_triple(pair))
+    d = res.difference
+    img, mask = np.asarray(d.image), np.asarray(d.mask)
+    assert np.all(np.isfinite(img))
+    nd = _bits(d, "NO_DATA")
+    for x0, y0, x1, y1 in stripes:
+        assert np.all((mask[y0:y1, x0:x1] & nd) != 0)
+    # far from the stripes the difference is noise-like
+    half = res.metadata["kernel_size"] // 2
+    far = star_free(d)
+    for x0, y0, x1, y1 in stripes:
+        far[max(y0 - half, 0) : y1 + half, max(x0 - half, 0) : x1 + half] = False
+    assert robust_sigma(img[far] / np.sqrt(np.asarray(d.variance)[far])) == pytest.approx(1.0, abs=0.1)
