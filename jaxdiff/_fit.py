@@ -16,7 +16,7 @@ from .solvers._normal import (
     residual_stats,
     spatial_layout,
     stamp_alphas,
-    stamp_design,
+    stamp_designs,
     stamp_normal,
 )
 
@@ -69,12 +69,8 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
     dtype = data.x_stamp.dtype
     fx, fy, mix = factors
 
-    def per_stamp(xs, yc, w):
-        C = stamp_design(xs, fx, fy, mix)
-        M, b = stamp_normal(C, yc, w)
-        return C, M, b
-
-    C, Ms, bs = batched(per_stamp, data.x_stamp, data.y_core, data.weight.astype(dtype))
+    C = stamp_designs(data.x_stamp, fx, fy, mix)
+    Ms, bs = jax.vmap(stamp_normal)(C, data.y_core, data.weight.astype(dtype))
     valid = data.valid
     if reg is not None:
         Ms = Ms + reg.astype(dtype)

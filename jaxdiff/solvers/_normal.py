@@ -6,34 +6,44 @@ from jax import lax
 from .._types import Array, Float
 
 
-def _valid_windows(n_in: int, k: int):
+def toeplitz(f: Float[Array, "r k"], n_in: int) -> Float[Array, "r n_in c"]:
+    """Valid-mode 1-D convolution by each row of `f` as a matrix: out[i] = Σ_q x[q] T[q, i], c = n_in − k + 1.
+
+    With f[h + u] the weight at offset u, out[i] = Σ_u f[h + u] x[i + h − u], so T[q, i] = f[2h − (q − i)].
+    """
+    k = f.shape[-1]
     c = n_in - k + 1
-    return jnp.arange(c)[:, None] + jnp.arange(k)[None, :]
+    j = jnp.arange(n_in)[:, None] - jnp.arange(c)[None, :]
+    ok = (j >= 0) & (j < k)
+    return jnp.where(ok[None], f[:, ::-1][:, jnp.clip(j, 0, k - 1)], 0.0)
 
 
-def stamp_design(stamp: Float[Array, "s s"], fx, fy, mix) -> Float[Array, "n c c"]:
-    """Basis images convolved with one stamp, on the stamp's core (shrunk by h on each side).
+def stamp_designs(stamps: Float[Array, "N s s"], fx, fy, mix) -> Float[Array, "N n c c"]:
+    """Basis images convolved with each stamp, on the stamps' cores (shrunk by h on each side).
 
-    Uses the separable form of the basis: raw image r = fy[r] ⊗ fx[r], basis = mix @ raw, so each
-    convolution is a pass in x then in y (ALGORITHM §16), followed by the fixed mixing matrix.
+    Uses the separable form of the basis (raw image r = fy[r] ⊗ fx[r], basis = mix @ raw): a pass in x
+    and one in y, each a matrix product with a Toeplitz matrix over all stamps at once (ALGORITHM §16),
+    then the fixed mixing matrix.
 
     Arguments:
-        stamp: the convolved image X on a (2k + 1)² stamp.
+        stamps: the convolved image X on (2k + 1)² stamps.
         fx, fy: 1-D factors, shape (n_raw, k), element [r, h + u] at offset u.
         mix: (n, n_raw) mixing matrix.
 
     Returns:
-        C_b = B_b ∗ X on the (k + 2)² core, shape (n, k + 2, k + 2).
+        C_b = B_b ∗ X on the (k + 2)² cores, shape (N, n, k + 2, k + 2).
     """
-    s = stamp.shape[-1]
-    k = fx.shape[-1]
-    idx = _valid_windows(s, k)
-    # convolution: out[i] = Σ_u K[u] X[i + h − u] = Σ_j X[i + j] K[2h − j]
-    fxr = fx[:, ::-1]
-    fyr = fy[:, ::-1]
-    zx = jnp.einsum("yij,rj->ryi", stamp[:, idx], fxr)  # (n_raw, s, c)
-    zy = jnp.einsum("rijx,rj->rix", zx[:, idx, :], fyr)  # (n_raw, c, c)
-    return jnp.einsum("br,rix->bix", mix, zy)
+    s = stamps.shape[-1]
+    tx = toeplitz(fx.astype(stamps.dtype), s)
+    ty = toeplitz(fy.astype(stamps.dtype), s)
+    zx = jnp.einsum("nyq,rqi->nryi", stamps, tx)
+    zy = jnp.einsum("ryp,nryi->nrpi", ty, zx)
+    return jnp.einsum("br,nrpi->nbpi", mix.astype(stamps.dtype), zy)
+
+
+def stamp_design(stamp: Float[Array, "s s"], fx, fy, mix) -> Float[Array, "n c c"]:
+    """`stamp_designs` for one stamp."""
+    return stamp_designs(stamp[None], fx, fy, mix)[0]
 
 
 def stamp_normal(design, target, weight):
