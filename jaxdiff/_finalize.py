@@ -103,6 +103,8 @@ def decorrelate_arrays(
             jnp.asarray(node_y),
             preconv_kernel=preconv_kernel,
         )
+        # one PSF for the whole difference: the filter at the box centre, i.e. the mean of the 4 central nodes
+        c_img = jnp.mean(c_img[_GRID // 2 - 1 : _GRID // 2 + 1, _GRID // 2 - 1 : _GRID // 2 + 1], axis=(0, 1))
     else:
         img, var, c_img = _decorrelate.decorrelate(
             diff_img, var_u, var_c, kernel.image(), v_u, v_c, preconv_kernel=preconv_kernel

@@ -405,7 +405,6 @@ def test_decorrelation_on_subtraction(decorrelation_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="finalize(spatially_varying=True) raises ValueError from convolve2d (not 2-D)")
 def test_spatially_varying_finalize(decorrelation_runs):
     p, raw, dec, quiet = decorrelation_runs
     t = task()
