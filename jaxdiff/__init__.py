@@ -27,7 +27,9 @@ from ._sources import Sources as Sources
 
 __version__ = "0.1.0"
 from . import basis as basis
+from . import batch as batch
 from . import convolve as convolve
+from . import decorrelate as decorrelate
 from . import sim as sim
 from . import solvers as solvers
 from . import spatial as spatial
@@ -37,7 +39,6 @@ from ._config import SubtractConfig as SubtractConfig
 from ._kernel import SpatialKernel as SpatialKernel
 from ._result import SubtractResult as SubtractResult
 from ._subtract import subtract as subtract
+from ._task import AlardLuptonSubtract as AlardLuptonSubtract
 from .solvers import LeastSquares as LeastSquares
 from .solvers import OptaxSolver as OptaxSolver
-from . import decorrelate as decorrelate
-from ._task import AlardLuptonSubtract as AlardLuptonSubtract

@@ -43,7 +43,10 @@ def symmetric_solve(M: Float[Array, "m m"], b: Float[Array, " m"]) -> Float[Arra
     L_safe = jnp.where(chol_ok, L, jnp.eye(m, dtype=M.dtype))
     y = solve_triangular(L_safe, bs, lower=True)
     x_chol = solve_triangular(L_safe.T, y, lower=False)
-    ev, V = jnp.linalg.eigh(jnp.where(chol_ok, jnp.eye(m, dtype=M.dtype), Ms))
+    # The stand-in for the branch not taken has distinct eigenvalues: eigh's derivative divides by their
+    # differences, and a degenerate stand-in (the identity) turns the zero tangent into 0·∞ = NaN.
+    distinct = jnp.diag(jnp.arange(1, m + 1, dtype=M.dtype))
+    ev, V = jnp.linalg.eigh(jnp.where(chol_ok, distinct, Ms))
     eps = jnp.finfo(M.dtype).eps
     keep = ev > m * eps * jnp.max(jnp.abs(ev))
     inv = jnp.where(keep, 1.0 / jnp.where(keep, ev, 1.0), 0.0)

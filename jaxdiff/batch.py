@@ -1,0 +1,219 @@
+"""Many subtractions: `vmap` over stacked pairs, device-sized batches (sharded over all devices), Dask.
+
+All pairs of one call must share shapes, mask-plane tables, PSF types and source count: they go through one
+compiled program. The static plan (mode, kernel size, stamp capacity) is made from the first pair, so pairs
+whose PSFs would lead `jd.subtract` to another kernel size or mode should be run in separate calls.
+"""
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ._config import SubtractConfig
+from ._exposure import Exposure
+from ._io import read_exposure, write_exposure
+from ._result import SubtractResult
+from ._sources import Sources
+from ._subtract import Plan, _strip_wcs, _with_wcs, core, make_plan
+
+_AXIS = "pairs"
+_PER_DEVICE = 4  # default pairs per device and batch: enough to amortise dispatch, small in memory
+
+
+def stack(items: Sequence):
+    """Stack pytrees of one structure (exposures, sources, results) along a new leading axis.
+
+    Arguments:
+        items: a non-empty sequence of pytrees with identical structure and leaf shapes; exposures must not
+            carry a WCS (static fields must be equal), see `subtract_batch`, which strips it.
+
+    Returns:
+        One pytree whose leaves have a leading axis of length `len(items)`.
+    """
+    if len(items) == 0:
+        raise ValueError("stack needs at least one item, got an empty sequence")
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *items)
+
+
+def unstack(tree, n: int) -> list:
+    """The inverse of `stack`: `n` pytrees, item i holding index i of every leaf."""
+    return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
+
+
+@eqx.filter_jit
+def _batched_core(templates: Exposure, sciences: Exposure, sources: Sources, config: SubtractConfig, plan: Plan):
+    return eqx.filter_vmap(core, in_axes=(0, 0, 0, None, None))(templates, sciences, sources, config, plan)
+
+
+def _first(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def subtract_batch(
+    templates: Exposure, sciences: Exposure, sources: Sources, config: SubtractConfig | None = None
+) -> SubtractResult:
+    """`jd.subtract` vmapped over stacked pairs of one shape (one compilation per shape and config).
+
+    Arguments:
+        templates, sciences: exposures stacked with `stack` (leading axis B, no WCS).
+        sources: stacked `Sources` (B, n).
+        config: a `SubtractConfig` shared by all pairs (default: LSST's defaults).
+
+    Returns:
+        A `SubtractResult` whose leaves have a leading axis B; `metadata` holds (B,) arrays. When B is a
+        multiple of the device count, the batch axis is sharded over all devices (as in `run_many`).
+    """
+    config = SubtractConfig() if config is None else config
+    plan = make_plan(_first(templates), _first(sciences), _first(sources), config)
+    batch = (_strip_wcs(templates), _strip_wcs(sciences), sources)
+    if templates.image.shape[0] % jax.device_count() == 0:
+        batch = jax.device_put(batch, _sharding())
+    return _batched_core(*batch, config, plan)
+
+
+def _check_pairs(pairs) -> None:
+    if len(pairs) == 0:
+        raise ValueError("run_many needs at least one (template, science, sources) pair, got none")
+    ref = jax.tree.structure(tuple(_strip_wcs(e) for e in pairs[0][:2]) + (pairs[0][2],))
+    shapes = [np.shape(x) for x in jax.tree.leaves(pairs[0])]
+    for i, (t, s, src) in enumerate(pairs):
+        tree = (_strip_wcs(t), _strip_wcs(s), src)
+        if jax.tree.structure(tree) != ref or [np.shape(x) for x in jax.tree.leaves(tree)] != shapes:
+            raise ValueError(
+                f"pair {i} differs from pair 0 in shapes, mask planes, PSF type or source count; "
+                "run pairs of different layouts in separate run_many calls"
+            )
+
+
+def _sharding() -> NamedSharding:
+    mesh = Mesh(np.asarray(jax.devices()), (_AXIS,))
+    return NamedSharding(mesh, PartitionSpec(_AXIS))
+
+
+def run_many(
+    pairs: Sequence[tuple[Exposure, Exposure, Sources]],
+    config: SubtractConfig | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> list[SubtractResult]:
+    """Subtract a long list of pairs in device-sized batches, sharded over all local devices.
+
+    Each batch is stacked, placed with a `NamedSharding` that splits the batch axis over a 1-D mesh of
+    `jax.devices()` (one device: the same code, nothing split) and run by one compiled, vmapped core. The last
+    batch is padded with copies of the last pair, so every batch has the same shape and nothing recompiles.
+
+    Arguments:
+        pairs: (template, science, sources) triples of one layout (see the module docstring).
+        config: a `SubtractConfig` shared by all pairs (default: LSST's defaults).
+        batch_size: pairs per batch, rounded up to a multiple of the device count (default: 4 per device).
+        progress: show a tqdm progress bar (in pairs).
+
+    Returns:
+        One `SubtractResult` per pair, in order, with numpy leaves (fetched once per batch) and the science
+        WCS restored on `difference` and `matched_template`; `metadata` holds 0-d numpy arrays.
+    """
+    from tqdm.auto import tqdm
+
+    pairs = list(pairs)
+    _check_pairs(pairs)
+    config = SubtractConfig() if config is None else config
+    n_dev = jax.device_count()
+    size = _PER_DEVICE * n_dev if batch_size is None else int(batch_size)
+    if size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    size = -(-size // n_dev) * n_dev
+    template0, science0, sources0 = pairs[0]
+    plan = make_plan(template0, science0, sources0, config)
+    sharding = _sharding()
+    results = []
+    with tqdm(total=len(pairs), disable=not progress, unit="pair", desc="subtract") as bar:
+        for start in range(0, len(pairs), size):
+            chunk = pairs[start : start + size]
+            padded = chunk + [chunk[-1]] * (size - len(chunk))
+            batch = tuple(stack([_strip_wcs(p[j]) if j < 2 else p[j] for p in padded]) for j in range(3))
+            batch = jax.device_put(batch, sharding)
+            out = jax.device_get(_batched_core(*batch, config, plan))
+            for (_, science, _), result in zip(chunk, unstack(out, len(chunk)), strict=True):
+                results.append(
+                    dataclasses.replace(
+                        result,
+                        difference=_with_wcs(result.difference, science.wcs),
+                        matched_template=_with_wcs(result.matched_template, science.wcs),
+                    )
+                )
+            bar.update(len(chunk))
+    return results
+
+
+def _difference_path(out_dir: str | None, science_path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(science_path)) if out_dir is None else out_dir
+    stem = os.path.basename(science_path)
+    for ext in (".fits.gz", ".fits", ".fit"):
+        if stem.endswith(ext):
+            stem = stem[: -len(ext)]
+            break
+    return os.path.join(folder, f"{stem}_diff.fits")
+
+
+def _subtract_files(items: list, config: SubtractConfig, out_dir: str | None, batch_size: int) -> list[dict]:
+    """One Dask task: read the FITS pairs, run them with `run_many`, write the differences."""
+    # A worker is an entry point: like the task, it computes in float64 (float64 files stay float64).
+    with jax.enable_x64(True):
+        pairs = [(read_exposure(t), read_exposure(s), src) for t, s, src in items]
+        results = run_many(pairs, config, batch_size=batch_size, progress=False)
+        out = []
+        for (_, science_path, _), result in zip(items, results, strict=True):
+            path = _difference_path(out_dir, science_path)
+            write_exposure(path, result.difference)
+            meta = {k: np.asarray(v).item() for k, v in result.metadata.items()}
+            out.append(dict(science=science_path, difference=path, metadata=meta))
+    return out
+
+
+def dask_map(
+    paths: Sequence[tuple[str, str, Sources]],
+    config: SubtractConfig | None,
+    client,
+    batch_size: int = 8,
+    out_dir: str | None = None,
+) -> list[dict]:
+    """Subtract FITS pairs on a `dask.distributed` cluster: batches of pairs are mapped to workers.
+
+    Each task reads its pairs with `jd.read_exposure`, runs them with `run_many` (one compiled program per
+    worker process and layout), writes each difference with `jd.write_exposure` and returns paths and
+    metadata. Dask schedules, balances and retries the tasks.
+
+    Arguments:
+        paths: (template FITS path, science FITS path, `jd.Sources`) triples of one layout.
+        config: a `SubtractConfig` (None: LSST's defaults).
+        client: a `dask.distributed.Client`.
+        batch_size: pairs per task (and per `run_many` batch inside it).
+        out_dir: folder for the differences, written as `<science stem>_diff.fits` (default: beside each
+            science file); science files must have distinct names when they share an output folder.
+
+    Returns:
+        One dict per pair, in order: `science` (input path), `difference` (output path) and `metadata`
+        (plain Python numbers from `jd.subtract`'s metadata, `status` a `jd.RESULTS` code).
+    """
+    config = SubtractConfig() if config is None else config
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    items = []
+    for t, s, src in paths:
+        if not isinstance(src, Sources):
+            raise ValueError(f"dask_map needs a jd.Sources for every pair; got {type(src).__name__} for {s}")
+        items.append((os.fspath(t), os.fspath(s), src))
+    outputs = [_difference_path(out_dir, s) for _, s, _ in items]
+    if len(set(outputs)) != len(outputs):
+        raise ValueError("two science files map to the same difference path; give them distinct names")
+    tasks = [
+        client.submit(_subtract_files, items[i : i + batch_size], config, out_dir, batch_size, pure=False)
+        for i in range(0, len(items), batch_size)
+    ]
+    return [row for rows in client.gather(tasks) for row in rows]
