@@ -150,22 +150,77 @@ def subtract(template: Exposure, science: Exposure, sources: Sources, config: Su
     )
 
 
+def subtract_staged(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, clock):
+    """`subtract` run stage by stage, each stage jitted on its own and timed with `block_until_ready`.
+
+    Arguments:
+        clock: a callable returning seconds (e.g. `time.perf_counter`).
+
+    Returns:
+        (result, timings): the same result as `subtract` (a test checks they agree) and the wall time of
+        each stage in `STAGES`, compilation included on a first call.
+    """
+    plan = make_plan(template, science, sources, config)
+    t_in, s_in = _strip_wcs(template), _strip_wcs(science)
+    timings = {}
+
+    def timed(name, fn, *args):
+        t0 = clock()
+        out = jax.block_until_ready(fn(*args, config, plan))
+        timings[name] = clock() - t0
+        return out
+
+    st = timed("prepare", _jit_prepare, t_in, s_in)
+    st = timed("select", _jit_select, st, sources)
+    st = timed("fit", _jit_fit, st)
+    st = timed("convolve", _jit_convolve, st)
+    result = timed("decorrelate", _jit_decorrelate, st)
+    result = dataclasses.replace(
+        result,
+        difference=_with_wcs(result.difference, science.wcs),
+        matched_template=_with_wcs(result.matched_template, science.wcs),
+    )
+    return result, timings
+
+
 @eqx.filter_jit
 def _core(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan):
     return core(template, science, sources, config, plan)
 
 
+def _roles(st: dict, plan: Plan):
+    """The convolved image X (grown cut-out planes), the matched image Y and their PSFs for the mode."""
+    if plan.mode == "convolveTemplate":
+        xg = (st["tg_img"], st["tg_var"], st["tg_mask"], st["tg_inside"])
+        return xg, st["science"].image, st["var_s"], st["template"].psf, st["science"].psf
+    xg = (st["sg_img"], st["sg_var"], st["sg_mask"], st["sg_inside"])
+    return xg, st["t_img"], st["t_var"], st["science"].psf, st["template"].psf
+
+
+STAGES = ("prepare", "select", "fit", "convolve", "decorrelate")
+
+
 def core(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan):
     """The traceable subtraction for a fixed plan (not jitted: callers jit or vmap it)."""
+    st = _stage_prepare(template, science, config, plan)
+    st = _stage_select(st, sources, config, plan)
+    st = _stage_fit(st, config, plan)
+    st = _stage_convolve(st, config, plan)
+    return _stage_decorrelate(st, config, plan)
+
+
+def _stage_prepare(template: Exposure, science: Exposure, config: SubtractConfig, plan: Plan) -> dict:
+    """Variance rescaling, masks, cut-outs and coverage (ALGORITHM §1, §3, §4)."""
     cfg = config
     k = plan.k
     h = k // 2
     ny, nx = science.shape
     sdt = solve_dtype()
     out_planes = output_planes(science.mask_planes, template.mask_planes, cfg)
-    edge_bit = plane_bit(out_planes, "EDGE")
     nodata_bit = plane_bit(out_planes, "NO_DATA")
+    crop = (slice(h, h + ny), slice(h, h + nx))
     box = jnp.stack([science.xy0[0], science.xy0[1], nx, ny]).astype(sdt)
+    var_s_raw = None
 
     # --- variance rescaling (§4.1) ---
     def rescale(e: Exposure):
@@ -215,14 +270,57 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
     lacks = ((t_mask | mask_s) & nodata_val) != 0
     coverage = 1.0 - jnp.mean(lacks.astype(sdt))
 
-    if plan.mode == "convolveTemplate":
-        xg = (tg_img, tg_var, tg_mask, tg_inside)
-        y_img, y_var, _y_mask = science.image, var_s, mask_s
-        psf_x, psf_y = template.psf, science.psf
-    else:
-        xg = (sg_img, sg_var, sg_mask, sg_inside)
-        y_img, y_var, _y_mask = t_img, t_var, t_mask
-        psf_x, psf_y = science.psf, template.psf
+    st = {}
+    return dict(
+        st,
+        var_t=var_t,
+        factor_t=factor_t,
+        fail_t=fail_t,
+        var_s=var_s,
+        factor_s=factor_s,
+        fail_s=fail_s,
+        mask_s=mask_s,
+        mask_t=mask_t,
+        pre=pre,
+        var_s_raw=var_s_raw,
+        template=template,
+        science=science,
+        box=box,
+        tg_img=tg_img,
+        tg_var=tg_var,
+        tg_mask=tg_mask,
+        tg_inside=tg_inside,
+        sg_img=sg_img,
+        sg_var=sg_var,
+        sg_mask=sg_mask,
+        sg_inside=sg_inside,
+        t_img=t_img,
+        t_var=t_var,
+        t_mask=t_mask,
+        t_inside=t_inside,
+        coverage=coverage,
+    )
+
+
+def _stage_select(st: dict, sources: Sources, config: SubtractConfig, plan: Plan) -> dict:
+    """Kernel basis and stamp selection (ALGORITHM §5, §6)."""
+    science = st["science"]
+    template = st["template"]
+    cfg = config
+    k = plan.k
+    h = k // 2
+    ny, nx = science.shape
+    sdt = solve_dtype()
+    out_planes = output_planes(science.mask_planes, template.mask_planes, cfg)
+    var_s = st["var_s"]
+    mask_s = st["mask_s"]
+    t_mask = st["t_mask"]
+    t_img = st["t_img"]
+    t_var = st["t_var"]
+    t_inside = st["t_inside"]
+    box = st["box"]
+    pre = st["pre"]
+    xg, y_img, y_var, psf_x, psf_y = _roles(st, plan)
 
     # --- basis (§5) ---
     if cfg.kernel_basis == "alard-lupton":
@@ -300,6 +398,22 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
     )
     n_stamps = jnp.sum(slot_valid)
 
+    return dict(st, data=data, basis_images=basis_images, fx=fx, fy=fy, mix=mix, reg=reg, n_stamps=n_stamps, ok=ok)
+
+
+def _stage_fit(st: dict, config: SubtractConfig, plan: Plan) -> dict:
+    """Per-stamp fits, rejection loop and the global spatial solve (ALGORITHM §7, §8)."""
+    cfg = config
+    sdt = solve_dtype()
+    data = st["data"]
+    basis_images = st["basis_images"]
+    fx = st["fx"]
+    fy = st["fy"]
+    mix = st["mix"]
+    reg = st["reg"]
+    box = st["box"]
+    n = basis_images.shape[0]
+    P_order, Q_order = cfg.spatial_kernel_order, cfg.spatial_bg_order
     # --- fit (§7, §8) ---
     fit = fit_kernel(data, basis_images, (fx, fy, mix), cfg.solver, cfg, reg)
     theta = fit.theta
@@ -310,7 +424,36 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
     kernel = SpatialKernel(basis_images, coeffs, box, P_order, cfg.spatial_model_type)
     kappa0 = theta[0]
 
+    return dict(st, fit=fit, kernel=kernel, bg_coeffs=bg_coeffs, kappa0=kappa0, theta=theta)
+
+
+def _stage_convolve(st: dict, config: SubtractConfig, plan: Plan) -> dict:
+    """Apply the spatially varying kernel and form the difference (ALGORITHM §9, §10)."""
+    science = st["science"]
+    template = st["template"]
+    cfg = config
+    k = plan.k
+    h = k // 2
+    ny, nx = science.shape
+    out_planes = output_planes(science.mask_planes, template.mask_planes, cfg)
+    edge_bit = plane_bit(out_planes, "EDGE")
+    crop = (slice(h, h + ny), slice(h, h + nx))
+    var_s = st["var_s"]
+    mask_s = st["mask_s"]
+    t_img = st["t_img"]
+    t_var = st["t_var"]
+    t_mask = st["t_mask"]
+    box = st["box"]
+    pre = st["pre"]
+    var_s_raw = st["var_s_raw"]
+    kernel = st["kernel"]
+    bg_coeffs = st["bg_coeffs"]
+    kappa0 = st["kappa0"]
+    xg, y_img, y_var, psf_x, psf_y = _roles(st, plan)
+
+    P_order, Q_order = cfg.spatial_kernel_order, cfg.spatial_bg_order
     # --- apply the kernel (§9) ---
+    x_img, x_var = xg[0], xg[1]
     img_dtype = x_img.dtype
     kernels = kernel.components().astype(img_dtype)
     xy0_g = science.xy0 - h
@@ -371,6 +514,51 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
         psf_diff = template.psf
         v_u_plane, v_c_plane = t_var, var_s
 
+    return dict(
+        st,
+        diff_img=diff_img,
+        diff_var=diff_var,
+        diff_mask=diff_mask,
+        matched=matched,
+        bg_model=bg_model,
+        psf_diff=psf_diff,
+        v_u_plane=v_u_plane,
+        v_c_plane=v_c_plane,
+    )
+
+
+def _stage_decorrelate(st: dict, config: SubtractConfig, plan: Plan) -> SubtractResult:
+    """Decorrelate the difference and assemble the result (ALGORITHM §11, §13)."""
+    science = st["science"]
+    template = st["template"]
+    cfg = config
+    ny, nx = science.shape
+    out_planes = output_planes(science.mask_planes, template.mask_planes, cfg)
+    var_s = st["var_s"]
+    t_img = st["t_img"]
+    t_var = st["t_var"]
+    pre = st["pre"]
+    kernel = st["kernel"]
+    diff_img = st["diff_img"]
+    diff_var = st["diff_var"]
+    diff_mask = st["diff_mask"]
+    matched = st["matched"]
+    bg_model = st["bg_model"]
+    psf_diff = st["psf_diff"]
+    v_u_plane = st["v_u_plane"]
+    v_c_plane = st["v_c_plane"]
+    fit = st["fit"]
+    theta = st["theta"]
+    kappa0 = st["kappa0"]
+    n_stamps = st["n_stamps"]
+    ok = st["ok"]
+    coverage = st["coverage"]
+    factor_s = st["factor_s"]
+    factor_t = st["factor_t"]
+    fail_s = st["fail_s"]
+    fail_t = st["fail_t"]
+    tg_img = st["tg_img"]
+    img_dtype = tg_img.dtype
     # --- decorrelation (§11) ---
     good_s = standard_good(science.image, var_s, diff_mask, out_planes)
     good_t = standard_good(t_img, t_var, diff_mask, out_planes)
@@ -437,6 +625,13 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
     if pre is not None:
         metadata["n_interpolated"] = pre.n_interpolated
     return SubtractResult(difference, matched, bg_model, kernel, metadata)
+
+
+_jit_prepare = eqx.filter_jit(_stage_prepare)
+_jit_select = eqx.filter_jit(_stage_select)
+_jit_fit = eqx.filter_jit(_stage_fit)
+_jit_convolve = eqx.filter_jit(_stage_convolve)
+_jit_decorrelate = eqx.filter_jit(_stage_decorrelate)
 
 
 def _snr(image, variance, cy, cx, k):

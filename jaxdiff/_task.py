@@ -16,7 +16,7 @@ from ._kernel import SpatialKernel
 from ._mask import bitmask
 from ._result import SubtractResult
 from ._sources import Sources
-from ._subtract import make_plan, psf_widths, subtract
+from ._subtract import make_plan, psf_widths, subtract_staged
 from ._types import x64_enabled
 
 
@@ -145,10 +145,9 @@ class AlardLuptonSubtract(eqx.Module):
             if n_valid == 0:
                 raise _fit_failure(InsufficientKernelSourcesError(0, cfg.min_kernel_sources), coverage, cfg)
             plan = make_plan(template, science, sources, cfg)
-            timing["prepare"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            result = jax.block_until_ready(subtract(template, science, sources, cfg))
-            timing["subtract"] = time.perf_counter() - t1
+            timing["checks"] = time.perf_counter() - t0
+            result, stage_times = subtract_staged(template, science, sources, cfg, time.perf_counter)
+            timing.update(stage_times)
             md = {k: np.asarray(v).item() for k, v in jax.device_get(result.metadata).items()}
         status = RESULTS(int(md["status"]))
         if status == RESULTS.insufficient_sources:
