@@ -30,6 +30,7 @@ from . import basis as basis
 from . import batch as batch
 from . import convolve as convolve
 from . import decorrelate as decorrelate
+from . import forward as forward
 from . import sim as sim
 from . import solvers as solvers
 from . import spatial as spatial
