@@ -280,9 +280,10 @@ def run_worker(argv: list[str], timeout_s: float) -> tuple[dict | None, str]:
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout_s:.0f} s"
     if proc.returncode != 0 or not report.exists():
+        if proc.returncode in (-9, 137):
+            return None, "killed by SIGKILL (out of memory?)"
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
-        return None, f"{why}: {' | '.join(tail)}"
+        return None, f"exit code {proc.returncode}: {' | '.join(tail)}"
     return json.loads(report.read_text()), "ok"
 
 
@@ -302,10 +303,9 @@ def to_jsonable(obj):
 
 
 def _fmt(value, spec: str) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float) and not np.isfinite(value):
-        return "—"
+    """`format(value, spec)`, or a dash of the same width for a missing or non-finite value."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "—".rjust(int(spec.split(".")[0].rstrip("df") or 0))
     return format(value, spec)
 
 
