@@ -44,6 +44,7 @@ class Plan:
     k: int  # kernel side
     n_slots: int  # stamp capacity
     basis_mode: str  # "config", "convolution", "deconvolution" (informational)
+    rank_by_snr: bool = True  # some valid source lacks a flux: rank by measured S/N
 
 
 def _concrete(x) -> bool:
@@ -99,7 +100,11 @@ def make_plan(template: Exposure, science: Exposure, sources: Sources, config: S
             )
     n_src = len(sources)
     n_slots = n_src if config.max_kernel_sources < 0 else min(config.max_kernel_sources, n_src)
-    return Plan(mode=mode, k=int(k), n_slots=max(int(n_slots), 1), basis_mode=basis_mode)
+    rank_by_snr = True
+    if all(_concrete(v) for v in (sources.flux, sources.valid)):
+        flux, valid = np.asarray(sources.flux), np.asarray(sources.valid)
+        rank_by_snr = not bool(np.all(np.isfinite(flux[valid])))
+    return Plan(mode=mode, k=int(k), n_slots=max(int(n_slots), 1), basis_mode=basis_mode, rank_by_snr=rank_by_snr)
 
 
 def _width_kwargs(config):
@@ -351,13 +356,14 @@ def _stage_select(st: dict, sources: Sources, config: SubtractConfig, plan: Plan
     excl = exclusion_bits(out_planes, cfg)
     bad = ((mask_s | t_mask) & excl) != 0
     bad = bad | ~usable(science.image, var_s) | ~usable(t_img, t_var) | ~t_inside
-    bad_table = _stamps.summed_area(bad)
     cx, cy = _stamps.centres(sources.x, sources.y, science.xy0)
     margin = (k if cfg.restrict_kernel_edge_sources else 0) + (k if pre is not None else 0)
-    ok = _stamps.usable_candidates(cx, cy, sources.valid, bad_table, (ny, nx), k, margin)
+    ok = _stamps.usable_candidates(cx, cy, sources.valid, bad, k, margin)
     side = 2 * k + 1
-    snr = _snr(science.image, var_s, cy, cx, k)
-    score = jnp.where(jnp.isfinite(sources.flux), sources.flux, snr)
+    if plan.rank_by_snr:
+        score = jnp.where(jnp.isfinite(sources.flux), sources.flux, _snr(science.image, var_s, cy, cx, k))
+    else:
+        score = sources.flux
     index, slot_valid = _stamps.rank_and_pack(score, ok, plan.n_slots)
     scx, scy = cx[index], cy[index]
     r0, c0 = scy - k, scx - k
@@ -459,7 +465,8 @@ def _stage_convolve(st: dict, config: SubtractConfig, plan: Plan) -> dict:
     xy0_g = science.xy0 - h
     tx, ty = spatial.separable_terms(box, (ny + 2 * h, nx + 2 * h), xy0_g, P_order, cfg.spatial_model_type)
     x_good = usable(x_img, x_var) & xg[3]
-    x_med = jnp.median(jnp.where(x_good, x_img, jnp.nan)[::4, ::4].ravel())
+    stride = max(1, int(np.ceil(np.sqrt(x_img.size / 2**16))))  # the level only needs ~6e4 samples
+    x_med = jnp.nanmedian(jnp.where(x_good, x_img, jnp.nan)[::stride, ::stride])
     x_med = lax.stop_gradient(jnp.where(jnp.isfinite(x_med), x_med, 0.0))
     preserve = bitmask(out_planes, cfg.preserve_mask_planes)
     conv_img, conv_var, conv_mask = _convolve.convolve_spatial(
@@ -635,11 +642,11 @@ _jit_decorrelate = eqx.filter_jit(_stage_decorrelate)
 
 
 def _snr(image, variance, cy, cx, k):
-    """Crude S/N of each candidate from a (2k+1)² box sum, used to rank sources without a flux."""
+    """Crude S/N of each candidate from its (2k+1)² stamp sum, used to rank sources without a flux."""
     dt = solve_dtype()
-    img = jnp.where(usable(image, variance), image, 0.0).astype(dt)
-    var = jnp.where(usable(image, variance), variance, 0.0).astype(dt)
-    r0, c0 = cy - k, cx - k
-    s = _stamps.box_sum(_stamps.summed_area(img), r0, c0, 2 * k + 1)
-    v = _stamps.box_sum(_stamps.summed_area(var), r0, c0, 2 * k + 1)
+    good = usable(image, variance)
+    side = 2 * k + 1
+    img = _stamps.extract(jnp.where(good, image, 0.0), cy - k, cx - k, side).astype(dt)
+    var = _stamps.extract(jnp.where(good, variance, 0.0), cy - k, cx - k, side).astype(dt)
+    s, v = jnp.sum(img, axis=(1, 2)), jnp.sum(var, axis=(1, 2))
     return s / jnp.sqrt(jnp.where(v > 0, v, 1.0))
