@@ -186,7 +186,7 @@ def variance_factor(
         bin_size: background bin side, static (default 32).
         max_samples: static cap on the pixels entering the quantiles (regular subsample; default 2²⁰).
         max_pixels: static cap on the pixels examined at all: larger images are read on a regular grid of every
-            s-th row and column (s = ⌈√(n_pixels / max_pixels)⌉) with bins of bin_size/s samples, so the estimate
+            s-th row and column (s = ⌈√(n_pixels / max_pixels)⌉) with bins of bin_size samples (bin_size·s pixels), so the estimate
             costs the same at 4096² as at 512² (ALGORITHM §4.1 allows a regular subsample).
 
     Returns:
@@ -196,7 +196,8 @@ def variance_factor(
     stride = max(1, math.ceil(math.sqrt(image.size / max_pixels)))
     if stride > 1:
         image, variance, good = image[::stride, ::stride], variance[::stride, ::stride], good[::stride, ::stride]
-        bin_size = max(1, bin_size // stride)
+        # bins keep bin_size samples per side (bin_size·s pixels): a median over fewer samples follows the noise
+        # and shrinks the residual IQR (factor 0.94 with 8-sample bins, 0.98 with 16, 0.99 with 32)
     good = good & jnp.isfinite(image) & jnp.isfinite(variance) & (variance > 0)
     n_good = jnp.sum(good)
     bg = median_background(image, good, bin_size)

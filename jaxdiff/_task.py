@@ -5,6 +5,7 @@ import time
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ._config import SubtractConfig, check_mode
@@ -16,6 +17,7 @@ from ._kernel import SpatialKernel
 from ._mask import bitmask
 from ._result import SubtractResult
 from ._sources import Sources
+from ._stats import usable
 from ._subtract import make_plan, psf_widths, subtract_staged
 from ._types import x64_enabled
 
@@ -56,9 +58,13 @@ def validate(template: Exposure, science: Exposure, config: SubtractConfig) -> N
             "template and science WCS differ; resample the template onto the science pixel grid first"
         )
     for name, e in (("template", template), ("science", science)):
-        img, var = np.asarray(e.image), np.asarray(e.variance)
-        if not np.any(np.isfinite(img) & np.isfinite(var) & (var > 0)):
+        if not bool(_any_usable(e.image, e.variance)):
             raise ValueError(f"{name} image has no finite pixel with variance > 0")
+
+
+@jax.jit
+def _any_usable(image, variance):
+    return jnp.any(usable(image, variance))
 
 
 def template_coverage(template: Exposure, science: Exposure) -> float:
