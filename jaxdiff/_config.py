@@ -92,6 +92,4 @@ class SubtractConfig:
 
 def check_mode(mode: str) -> None:
     if mode not in MODES:
-        raise UnsupportedModeError(
-            f"mode={mode!r} is not allowed; use 'auto', 'convolveTemplate' or 'convolveScience'"
-        )
+        raise UnsupportedModeError(f"mode={mode!r} is not allowed; use 'auto', 'convolveTemplate' or 'convolveScience'")

@@ -64,6 +64,4 @@ def detect_sources(exposure, bad_bits: int, snr_range=(10.0, 500.0), max_sources
         order = order[:max_sources]
     rows, cols = rows[order], cols[order]
     x0, y0 = (int(v) for v in np.asarray(exposure.xy0))
-    return Sources(
-        cols.astype(np.float64) + x0, rows.astype(np.float64) + y0, flux[rows, cols].astype(np.float64)
-    )
+    return Sources(cols.astype(np.float64) + x0, rows.astype(np.float64) + y0, flux[rows, cols].astype(np.float64))

@@ -48,17 +48,13 @@ class Exposure(eqx.Module):
     wcs: Any = eqx.field(static=True)
     mask_planes: PlaneTable = eqx.field(static=True)
 
-    def __init__(
-        self, image, variance, mask=None, psf=None, xy0=(0, 0), photo_calib=1.0, wcs=None, mask_planes=None
-    ):
+    def __init__(self, image, variance, mask=None, psf=None, xy0=(0, 0), photo_calib=1.0, wcs=None, mask_planes=None):
         image = _as_float(image, "image")
         variance = _as_float(variance, "variance")
         if image.ndim < 2:
             raise ValueError(f"image must be 2-D (ny, nx), got shape {tuple(image.shape)}")
         if variance.shape != image.shape:
-            raise ValueError(
-                f"variance shape {tuple(variance.shape)} does not match image shape {tuple(image.shape)}"
-            )
+            raise ValueError(f"variance shape {tuple(variance.shape)} does not match image shape {tuple(image.shape)}")
         if mask is None:
             mask = jnp.zeros(image.shape, jnp.int32)
         else:

@@ -59,10 +59,7 @@ def decorrelate_arrays(
         node_x = 0.5 * (rx[:-1] + rx[1:] - 1)
         x0, y0 = kernel.box[0], kernel.box[1]
         kernels = jnp.stack(
-            [
-                jnp.stack([kernel.image(x0 + node_x[i], y0 + node_y[j]) for i in range(_GRID)])
-                for j in range(_GRID)
-            ]
+            [jnp.stack([kernel.image(x0 + node_x[i], y0 + node_y[j]) for i in range(_GRID)]) for j in range(_GRID)]
         )
         vu = jnp.stack(
             [
@@ -114,9 +111,7 @@ def decorrelate_arrays(
     var = jnp.where(jnp.isfinite(diff_img), var, diff_var).astype(diff_var.dtype)
     img = img.astype(diff_img.dtype)
     if psf is not None and preconv_kernel is None:
-        psf = ImagePsf(
-            _decorrelate.difference_psf(psf.image().astype(solve_dtype()), c_img.astype(solve_dtype()))
-        )
+        psf = ImagePsf(_decorrelate.difference_psf(psf.image().astype(solve_dtype()), c_img.astype(solve_dtype())))
     return img, var, psf, v_u, v_c
 
 
@@ -146,9 +141,7 @@ def finalize(
     if preconv_kernel is not None:
         preconv_kernel = jnp.asarray(preconv_kernel)
         if preconv_kernel.shape[0] % 2 == 0 or preconv_kernel.shape[0] != preconv_kernel.shape[1]:
-            raise ValueError(
-                f"preconv_kernel must be square and odd-sized, got shape {tuple(preconv_kernel.shape)}"
-            )
+            raise ValueError(f"preconv_kernel must be square and odd-sized, got shape {tuple(preconv_kernel.shape)}")
     t_var = _cut_to(template, science, template.variance)
     t_img = _cut_to(template, science, template.image)
     t_mask = _cut_to(template, science, template.mask)

@@ -167,9 +167,7 @@ def _read(hdul, path) -> Exposure:
     if "VARIANCE" in hdul:
         variance = _native(_two_d(hdul["VARIANCE"].data, path, "the VARIANCE HDU"), dtype)
         if variance.shape != image.shape:
-            raise ValueError(
-                f"{path}: VARIANCE shape {variance.shape} does not match image shape {image.shape}"
-            )
+            raise ValueError(f"{path}: VARIANCE shape {variance.shape} does not match image shape {image.shape}")
     else:
         var = _estimate_variance(image)
         if not np.isfinite(var):
@@ -182,9 +180,7 @@ def _read(hdul, path) -> Exposure:
         mask = _native(_two_d(mask_hdu.data, path, "the MASK HDU"), np.int32)
         if mask.shape != image.shape:
             raise ValueError(f"{path}: MASK shape {mask.shape} does not match image shape {image.shape}")
-        planes = [
-            (key[3:], int(value)) for key, value in mask_hdu.header.items() if key.startswith("MP_")
-        ] or None
+        planes = [(key[3:], int(value)) for key, value in mask_hdu.header.items() if key.startswith("MP_")] or None
 
     psf = _read_psf(hdul["PSF"], path) if "PSF" in hdul else None
     ltv = [_header_value(headers, key) for key in ("LTV1", "LTV2")]

@@ -129,9 +129,7 @@ class _PsfModel:
         gx, gy = np.meshgrid(xs, ys)
         zero = np.zeros(gx.size)
         nodes = self.images(gx.ravel(), gy.ravel(), zero, zero, size)
-        return GridPsf(
-            nodes.reshape(_GRID_NODES, _GRID_NODES, size, size).astype(dtype), np.asarray(bbox, dtype)
-        )
+        return GridPsf(nodes.reshape(_GRID_NODES, _GRID_NODES, size, size).astype(dtype), np.asarray(bbox, dtype))
 
 
 def _render(out: np.ndarray, xy0, model: _PsfModel, x, y, flux, size: int) -> np.ndarray:
@@ -162,9 +160,7 @@ def _render(out: np.ndarray, xy0, model: _PsfModel, x, y, flux, size: int) -> np
 
 def _parent_grid(shape, xy0):
     ny, nx = shape
-    return np.arange(nx, dtype=np.float64)[None, :] + xy0[0], np.arange(ny, dtype=np.float64)[:, None] + xy0[
-        1
-    ]
+    return np.arange(nx, dtype=np.float64)[None, :] + xy0[0], np.arange(ny, dtype=np.float64)[:, None] + xy0[1]
 
 
 def _sky(shape, xy0, level: float, gradient: float, field) -> np.ndarray:
@@ -441,8 +437,7 @@ def reference_pair(
     y = t_xy0[1] + buf + rng.uniform(size=n_stars) * (t_shape[0] - 2 * buf)
     flux = rng.uniform(flux_range[0], flux_range[1], size=n_stars)
     noise_rngs = [
-        np.random.default_rng(s)
-        for s in np.random.SeedSequence(seed if noise_seed is None else noise_seed).spawn(2)
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed if noise_seed is None else noise_seed).spawn(2)
     ]
     field = (float(xy0[0]), float(xy0[1]), float(nx), float(ny))
     table = DEFAULT_PLANES
@@ -464,16 +459,12 @@ def reference_pair(
         return stars, stars + deviate, variance, mask, model.psf(_bbox(shape_, xy0_), _REF_STAMP, dtype)
 
     s_stars, s_image, s_var, s_mask, psf_s = image(shape, xy0, science_sigma, science_noise, noise_rngs[0])
-    t_stars, t_image, t_var, t_mask, psf_t = image(
-        t_shape, t_xy0, template_sigma, template_noise, noise_rngs[1]
-    )
+    t_stars, t_image, t_var, t_mask, psf_t = image(t_shape, t_xy0, template_sigma, template_noise, noise_rngs[1])
     s_background = np.zeros(shape)
     if background is not None:
         coeffs = np.asarray(background, np.float64)
         if coeffs.shape != (spatial.n_terms(2),):
-            raise ValueError(
-                f"background must hold 6 Chebyshev order-2 coefficients, got shape {coeffs.shape}"
-            )
+            raise ValueError(f"background must hold 6 Chebyshev order-2 coefficients, got shape {coeffs.shape}")
         xs, ys = _parent_grid(shape, xy0)
         xs, ys = np.broadcast_arrays(xs, ys)
         terms = np.asarray(spatial.terms(xs, ys, np.array(field), 2), np.float64)

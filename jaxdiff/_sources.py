@@ -37,16 +37,12 @@ class Sources(eqx.Module):
         x = x.astype(jnp.result_type(x.dtype, jnp.float32))
         y = y.astype(x.dtype)
         if x.ndim < 1 or x.shape != y.shape:
-            raise ValueError(
-                f"Sources x and y must be 1-D of equal length, got {tuple(x.shape)} and {tuple(y.shape)}"
-            )
+            raise ValueError(f"Sources x and y must be 1-D of equal length, got {tuple(x.shape)} and {tuple(y.shape)}")
         flux = jnp.full(x.shape, jnp.nan, x.dtype) if flux is None else jnp.asarray(flux).astype(x.dtype)
         valid = jnp.ones(x.shape, bool) if valid is None else jnp.asarray(valid).astype(bool)
         for name, arr in (("flux", flux), ("valid", valid)):
             if arr.shape != x.shape:
-                raise ValueError(
-                    f"Sources {name} shape {tuple(arr.shape)} does not match x shape {tuple(x.shape)}"
-                )
+                raise ValueError(f"Sources {name} shape {tuple(arr.shape)} does not match x shape {tuple(x.shape)}")
         self.x = x
         self.y = y
         self.flux = flux

@@ -186,8 +186,8 @@ def variance_factor(
         bin_size: background bin side, static (default 32).
         max_samples: static cap on the pixels entering the quantiles (regular subsample; default 2²⁰).
         max_pixels: static cap on the pixels examined at all: larger images are read on a regular grid of every
-            s-th row and column (s = ⌈√(n_pixels / max_pixels)⌉) with bins of bin_size samples (bin_size·s pixels), so the estimate
-            costs the same at 4096² as at 512² (ALGORITHM §4.1 allows a regular subsample).
+            s-th row and column (s = ⌈√(n_pixels / max_pixels)⌉) with bins of bin_size samples (bin_size·s
+            pixels), so the estimate costs the same at 4096² as at 512² (ALGORITHM §4.1 allows a subsample).
 
     Returns:
         (factor, ratio_estimate, level_estimate, n_good): the factor to apply, both estimates (NaN with fewer

@@ -44,19 +44,13 @@ def validate(template: Exposure, science: Exposure, config: SubtractConfig) -> N
         if not isinstance(e, Exposure):
             raise ValueError(f"{name} must be a jd.Exposure, got {type(e).__name__}")
         if e.image.ndim != 2:
-            raise ValueError(
-                f"{name} image must be 2-D, got shape {tuple(e.image.shape)}; use jax.vmap for batches"
-            )
+            raise ValueError(f"{name} image must be 2-D, got shape {tuple(e.image.shape)}; use jax.vmap for batches")
     tx0, ty0, tx1, ty1 = template.bbox
     sx0, sy0, sx1, sy1 = science.bbox
     if tx0 > sx0 or ty0 > sy0 or tx1 < sx1 or ty1 < sy1:
-        raise ValueError(
-            f"template box {_box_str(template)} does not cover the science box {_box_str(science)}"
-        )
+        raise ValueError(f"template box {_box_str(template)} does not cover the science box {_box_str(science)}")
     if not _wcs_equal(template.wcs, science.wcs):
-        raise ValueError(
-            "template and science WCS differ; resample the template onto the science pixel grid first"
-        )
+        raise ValueError("template and science WCS differ; resample the template onto the science pixel grid first")
     for name, e in (("template", template), ("science", science)):
         if not bool(_any_usable(e.image, e.variance)):
             raise ValueError(f"{name} image has no finite pixel with variance > 0")
@@ -160,9 +154,7 @@ class AlardLuptonSubtract(eqx.Module):
             err = InsufficientKernelSourcesError(md["n_stamps"], cfg.min_kernel_sources)
             raise _fit_failure(err, coverage, cfg)
         if status == RESULTS.no_candidates:
-            raise _fit_failure(
-                NoKernelCandidatesError("no kernel candidate survived rejection"), coverage, cfg
-            )
+            raise _fit_failure(NoKernelCandidatesError("no kernel candidate survived rejection"), coverage, cfg)
         if status == RESULTS.nonfinite_solution:
             raise _fit_failure(RuntimeError("the kernel solution is not finite"), coverage, cfg)
         if md["variance_factor_failed"]:
@@ -181,9 +173,7 @@ class AlardLuptonSubtract(eqx.Module):
             kernel_size=plan.k,
             basis_mode=plan.basis_mode,
             template_coverage=coverage,
-            template_psf_fwhm=None
-            if wt is None
-            else 2.3548 * float(np.sqrt(0.5 * (wt[0] ** 2 + wt[1] ** 2))),
+            template_psf_fwhm=None if wt is None else 2.3548 * float(np.sqrt(0.5 * (wt[0] ** 2 + wt[1] ** 2))),
             science_psf_fwhm=None if ws is None else 2.3548 * float(np.sqrt(0.5 * (ws[0] ** 2 + ws[1] ** 2))),
         )
         metadata.update({f"timing.{k}": v for k, v in timing.items()})

@@ -36,9 +36,7 @@ def test_pytree_round_trip(rng, psf):
         "image": kernel,
         "grid": jd.GridPsf(jnp.stack([jnp.stack([kernel, kernel])] * 2), (0, 0, 10, 10)),
     }
-    exposure = jd.Exposure(
-        rng.normal(size=(6, 8)), np.ones((6, 8)), psf=psfs[psf], xy0=(2, 5), photo_calib=3.0
-    )
+    exposure = jd.Exposure(rng.normal(size=(6, 8)), np.ones((6, 8)), psf=psfs[psf], xy0=(2, 5), photo_calib=3.0)
     leaves, treedef = jax.tree_util.tree_flatten(exposure)
     back = jax.tree_util.tree_unflatten(treedef, leaves)
     assert type(back) is jd.Exposure and type(back.psf) is type(exposure.psf)

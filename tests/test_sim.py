@@ -114,9 +114,7 @@ def test_isolated_star_science_flux_is_flux_scale_times_template_flux(flux_scale
 
 
 def test_stars_are_rendered_with_the_returned_gaussian_psf():
-    pair = simulate_pair(
-        (128, 128), n_stars=1, sky_template=0.0, sky_science=0.0, shift=(0.25, -0.35), seed=1
-    )
+    pair = simulate_pair((128, 128), n_stars=1, sky_template=0.0, sky_science=0.0, shift=(0.25, -0.35), seed=1)
     truth = pair.truth
     assert isinstance(pair.science.psf, GaussianPsf) and pair.science.psf.size == 21
     x, y, f = truth.stars_x[0] + 0.25, truth.stars_y[0] - 0.35, truth.stars_flux[0]
@@ -133,9 +131,7 @@ def test_transients_only_in_science_at_truth_positions():
     truth = with_transients.truth
     assert len(truth.transients_x) == 4 and len(plain.truth.transients_x) == 0
     np.testing.assert_array_equal(truth.noiseless_template, plain.truth.noiseless_template)
-    np.testing.assert_array_equal(
-        np.asarray(with_transients.template.image), np.asarray(plain.template.image)
-    )
+    np.testing.assert_array_equal(np.asarray(with_transients.template.image), np.asarray(plain.template.image))
     added = truth.noiseless_science - plain.truth.noiseless_science
     assert_allclose(added.sum(), truth.transients_flux.sum(), rtol=1e-9)
     for x, y, f in zip(truth.transients_x, truth.transients_y, truth.transients_flux, strict=True):
@@ -200,16 +196,11 @@ def test_varying_psf_width_changes_by_the_requested_fraction(variation):
     assert abs((high - low) / centre - 2 * variation) < 0.03
     tpsf = pair.template.psf
     tx0, ty0, tx1, ty1 = pair.template.bbox
-    assert (
-        abs(float(tpsf.sigma(tx1, ty1)) / float(tpsf.sigma(tx0, ty0)) - (1 + variation) / (1 - variation))
-        < 0.03
-    )
+    assert abs(float(tpsf.sigma(tx1, ty1)) / float(tpsf.sigma(tx0, ty0)) - (1 + variation) / (1 - variation)) < 0.03
 
 
 def test_varying_psf_stars_have_the_grid_psf_width():
-    pair = simulate_pair(
-        (256, 256), n_stars=12, sigma_variation=0.2, flux_range=(1e4, 2e4), sky_template=0, seed=8
-    )
+    pair = simulate_pair((256, 256), n_stars=12, sigma_variation=0.2, flux_range=(1e4, 2e4), sky_template=0, seed=8)
     truth = pair.truth
     psf = pair.template.psf
     i = _isolated_brightest(truth, 30)

@@ -120,9 +120,7 @@ def _exponents(degree: int) -> tuple[tuple[int, int], ...]:
     return tuple((d - j, j) for d in range(degree + 1) for j in range(d + 1))
 
 
-def _raw_factors(
-    k: int, sigmas, degrees: tuple[int, ...]
-) -> tuple[Float[Array, "nraw k"], Float[Array, "nraw k"]]:
+def _raw_factors(k: int, sigmas, degrees: tuple[int, ...]) -> tuple[Float[Array, "nraw k"], Float[Array, "nraw k"]]:
     """Column and row factors of the raw images: unit-sum Gaussian × (u/h)^i, × (v/h)^j."""
     if k < 3 or k % 2 == 0:
         raise ValueError(f"kernel size k={k} is not allowed; use an odd size of at least 3")
@@ -139,9 +137,7 @@ def _raw_factors(
     gauss = gauss / jnp.sum(gauss, axis=1, keepdims=True)
     # Monomials in x' = u/h, not u/σ (§5.2).
     powers = (offsets / h)[None, :] ** jnp.arange(max(degrees) + 1)[:, None]
-    which, px, py = np.array(
-        [(i, ex, ey) for i, degree in enumerate(degrees) for ex, ey in _exponents(degree)]
-    ).T
+    which, px, py = np.array([(i, ex, ey) for i, degree in enumerate(degrees) for ex, ey in _exponents(degree)]).T
     return gauss[which] * powers[px], gauss[which] * powers[py]
 
 
