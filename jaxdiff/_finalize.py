@@ -61,34 +61,23 @@ def decorrelate_arrays(
         kernels = jnp.stack(
             [jnp.stack([kernel.image(x0 + node_x[i], y0 + node_y[j]) for i in range(_GRID)]) for j in range(_GRID)]
         )
-        vu = jnp.stack(
-            [
-                jnp.stack(
-                    [
-                        variance_level(
-                            var_u[ry[j] : ry[j + 1], rx[i] : rx[i + 1]],
-                            good_u[ry[j] : ry[j + 1], rx[i] : rx[i + 1]],
-                        )
-                        for i in range(_GRID)
-                    ]
-                )
-                for j in range(_GRID)
-            ]
-        )
-        vc = jnp.stack(
-            [
-                jnp.stack(
-                    [
-                        variance_level(
-                            var_c[ry[j] : ry[j + 1], rx[i] : rx[i + 1]],
-                            good_c[ry[j] : ry[j + 1], rx[i] : rx[i + 1]],
-                        )
-                        for i in range(_GRID)
-                    ]
-                )
-                for j in range(_GRID)
-            ]
-        )
+
+        def cell_levels(plane, good):
+            return jnp.stack(
+                [
+                    jnp.stack(
+                        [
+                            variance_level(
+                                plane[ry[j] : ry[j + 1], rx[i] : rx[i + 1]], good[ry[j] : ry[j + 1], rx[i] : rx[i + 1]]
+                            )
+                            for i in range(_GRID)
+                        ]
+                    )
+                    for j in range(_GRID)
+                ]
+            )
+
+        vu, vc = cell_levels(var_u, good_u), cell_levels(var_c, good_c)
         img, var, c_img = _decorrelate.decorrelate_spatial(
             diff_img,
             var_u,
