@@ -7,8 +7,19 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("lsst.pipe.base")
-pytest.importorskip("lsst.images")
+if sys.version_info < (3, 12):
+    pytest.skip(
+        "LSST middleware needs Python >= 3.12 (this is {}.{}): jaxdiff.lsst tests skipped".format(*sys.version_info),
+        allow_module_level=True,
+    )
+try:
+    import lsst.images  # noqa: F401
+    import lsst.pipe.base  # noqa: F401
+except ImportError as err:
+    pytest.skip(
+        f"LSST middleware not installed ({err}): jaxdiff.lsst tests skipped; pip install 'jaxdiff[lsst]'",
+        allow_module_level=True,
+    )
 
 import astropy.units as u  # noqa: E402
 import astropy.wcs  # noqa: E402
@@ -29,20 +40,23 @@ import jaxdiff.lsst as jl  # noqa: E402
 
 INSTRUMENT = "DummyCam"
 DATA_ID = {"instrument": INSTRUMENT, "visit": 1, "detector": 0}
+# a second detector whose template is almost all NO_DATA: below requiredTemplateFraction, no work
+NO_WORK_ID = {"instrument": INSTRUMENT, "visit": 1, "detector": 1}
 PLANES = ["BAD", "SATURATED", "INTERPOLATED", "COSMIC_RAY", "DETECTION_EDGE", "DETECTED", "NO_DATA", "MYPLANE"]
 
 
-def _detector(bbox: Box) -> Detector:
+def _detector(bbox: Box, detector: int = 0) -> Detector:
     """A one-detector camera (focal plane in mm → pixels), built without obs_base."""
     frames = ast.FrameSet(ast.Frame(2, "Ident=FOCAL_PLANE,Unit(1)=mm,Unit(2)=mm"))
     frames.addFrame(ast.FrameSet.BASE, ast.ZoomMap(2, 1.0e-4), ast.Frame(2, "Ident=FIELD_ANGLE"))
     det = ast.Frame(
-        2, f"Ident=DETECTOR_0,Bottom(1)={bbox.x.min},Top(1)={bbox.x.stop},Bottom(2)={bbox.y.min},Top(2)={bbox.y.stop}"
+        2,
+        f"Ident=DETECTOR_{detector},Bottom(1)={bbox.x.min},Top(1)={bbox.x.stop},Bottom(2)={bbox.y.min},Top(2)={bbox.y.stop}",
     )
     frames.addFrame(ast.FrameSet.BASE, ast.ZoomMap(2, 100.0), det)
     attrs = DetectorAttributes(
-        name="det0",
-        id=0,
+        name=f"det{detector}",
+        id=detector,
         type=DetectorType.SCIENCE,
         serial="0",
         bbox=bbox,
@@ -53,8 +67,10 @@ def _detector(bbox: Box) -> Detector:
     return Detector(attrs, [], CameraFrameSet(INSTRUMENT, frames))
 
 
-def make_visit_image(exposure: jd.Exposure, sigma: float, planes: dict[str, np.ndarray] | None = None):
-    """A `VisitImage` with a Gaussian PSF of width `sigma` holding an exposure's pixels."""
+def make_visit_image(
+    exposure: jd.Exposure, sigma: float, planes: dict[str, np.ndarray] | None = None, detector: int = 0
+):
+    """A `VisitImage` of `detector` with a Gaussian PSF of width `sigma` holding an exposure's pixels."""
     ny, nx = exposure.shape
     x0, y0, _, _ = exposure.bbox
     bbox = Box.from_shape((ny, nx), start=(y0, x0))
@@ -72,7 +88,7 @@ def make_visit_image(exposure: jd.Exposure, sigma: float, planes: dict[str, np.n
             "CUNIT2": "deg",
         }
     )
-    frame = DetectorFrame(instrument=INSTRUMENT, visit=1, detector=0, bbox=bbox)
+    frame = DetectorFrame(instrument=INSTRUMENT, visit=1, detector=detector, bbox=bbox)
     mask = Mask(0, schema=MaskSchema([MaskPlane(n, n.lower()) for n in PLANES]), bbox=bbox)
     for name, value in (planes or {}).items():
         mask.set(name, value)
@@ -83,7 +99,7 @@ def make_visit_image(exposure: jd.Exposure, sigma: float, planes: dict[str, np.n
         sky_projection=SkyProjection.from_fits_wcs(wcs, frame, pixel_bounds=bbox, x0=x0, y0=y0),
         obs_info=ObservationInfo.makeObservationInfo(physical_filter="r_dummy", instrument=INSTRUMENT),
         psf=GaussianPointSpreadFunction(sigma, bbox, 25),
-        detector=_detector(bbox),
+        detector=_detector(bbox, detector),
         band="r",
     )
 
@@ -196,43 +212,81 @@ def test_config_maps_to_core():
         config.validate()
 
 
+def _low_coverage_pair(template, science):
+    """Detector 1's template (NO_DATA outside a 10-pixel strip: 3.9% coverage) and science."""
+    exp = jl.to_exposure(template)
+    nodata = np.ones(exp.shape, bool)
+    nodata[:, 100:110] = False
+    masked = jd.Exposure(np.where(nodata, 0.0, exp.image), exp.variance, xy0=exp.xy0)
+    low = make_visit_image(masked, 1.6, {"NO_DATA": nodata}, detector=1)
+    return low, make_visit_image(jl.to_exposure(science), 2.2, detector=1)
+
+
 def _make_repo(root, template, science, sources):
+    """Detector 0 holds the pair; detector 1 a template that covers too little (no work)."""
     Butler.makeRepo(root)
     butler = Butler.from_config(root, writeable=True, run="inputs")
     reg = butler.registry
     reg.insertDimensionData("instrument", {"name": INSTRUMENT, "detector_max": 4, "visit_max": 100})
     reg.insertDimensionData("physical_filter", {"instrument": INSTRUMENT, "name": "r_dummy", "band": "r"})
     reg.insertDimensionData("day_obs", {"instrument": INSTRUMENT, "id": 20250101})
-    reg.insertDimensionData("detector", {"instrument": INSTRUMENT, "id": 0, "full_name": "det0"})
+    for data_id in (DATA_ID, NO_WORK_ID):
+        det = data_id["detector"]
+        reg.insertDimensionData("detector", {"instrument": INSTRUMENT, "id": det, "full_name": f"det{det}"})
     reg.insertDimensionData(
         "visit", {"instrument": INSTRUMENT, "id": 1, "physical_filter": "r_dummy", "day_obs": 20250101}
     )
     corners = [(149.99, 1.99), (150.01, 1.99), (150.01, 2.01), (149.99, 2.01)]
     region = ConvexPolygon([UnitVector3d(LonLat.fromDegrees(a, d)) for a, d in corners])
-    reg.insertDimensionData("visit_detector_region", {**DATA_ID, "region": region})
+    low_template, low_science = _low_coverage_pair(template, science)
     connections = jl.AlardLuptonSubtractConnections(config=jl.AlardLuptonSubtractConfig())
-    for conn, value in [("template", template), ("science", science), ("sources", sources)]:
-        c = getattr(connections, conn)
-        reg.registerDatasetType(DatasetType(c.name, c.dimensions, c.storageClass, universe=butler.dimensions))
-        butler.put(value, c.name, DATA_ID)
+    for data_id, images in [(DATA_ID, (template, science)), (NO_WORK_ID, (low_template, low_science))]:
+        reg.insertDimensionData("visit_detector_region", {**data_id, "region": region})
+        for conn, value in [("template", images[0]), ("science", images[1]), ("sources", sources)]:
+            c = getattr(connections, conn)
+            reg.registerDatasetType(DatasetType(c.name, c.dimensions, c.storageClass, universe=butler.dimensions))
+            butler.put(value, c.name, data_id)
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, pair):
-    """A throw-away butler repository holding the pair and the sources in run `inputs`."""
+    """A throw-away butler repository holding two detectors' inputs in run `inputs` (see `_make_repo`)."""
     root = str(tmp_path_factory.mktemp("lsst") / "repo")
     _make_repo(root, *pair)
     return root
 
 
+# ip_diffim's fit statistics, written by the task into `<label>_metadata`
+FIT_KEYS = (
+    "templateCoveragePercent",
+    "scaleTemplateVarianceFactor",
+    "scaleScienceVarianceFactor",
+    "sciencePsfSize",
+    "templatePsfSize",
+    "convolvedExposure",
+    "nPsfSources",
+    "spatialKernelSum",
+    "spatialConditionNum",
+)
+
+
+def _execute(root: str, output: str, where: str) -> list:
+    """Run the task (label `subtractImages`) on `where` with `SimplePipelineExecutor`; the quanta run."""
+    out = SimplePipelineExecutor.prep_butler(root, inputs=["inputs"], output=output)
+    spe = SimplePipelineExecutor.from_task_class(
+        jl.AlardLuptonSubtractTask,
+        config=jl.AlardLuptonSubtractConfig(),
+        label="subtractImages",
+        butler=out,
+        where=where,
+    )
+    return spe.run(register_dataset_types=True)
+
+
 def test_butler_run(repo, pair, direct):
     root = repo
     science = pair[1]
-    out = SimplePipelineExecutor.prep_butler(root, inputs=["inputs"], output="out/spe")
-    spe = SimplePipelineExecutor.from_task_class(
-        jl.AlardLuptonSubtractTask, config=jl.AlardLuptonSubtractConfig(), label="subtractImages", butler=out
-    )
-    quanta = spe.run(register_dataset_types=True)
+    quanta = _execute(root, "out/spe", "detector = 0")
     assert len(quanta) == 1
     butler = Butler.from_config(root, collections=["out/spe"])
     diff = butler.get("difference_image_predetection", DATA_ID)
@@ -244,10 +298,43 @@ def test_butler_run(repo, pair, direct):
     assert "DETECTED" in diff.mask.schema.names
     assert butler.exists("template_matched", DATA_ID) and butler.exists("difference_kernel_sources", DATA_ID)
     md = butler.get("subtractImages_metadata", DATA_ID)["subtractImages"]
-    assert md["spatialKernelSum"] == pytest.approx(direct.metadata["kernel_sum"])
-    assert "runStartUtc" in md
+    # fit statistics (ip_diffim's keys) equal the in-process run's
+    assert set(FIT_KEYS) <= set(md.keys())
+    dm = direct.metadata
+    want = {
+        "templateCoveragePercent": 100 * dm["template_coverage"],
+        "scaleTemplateVarianceFactor": dm["template_variance_factor"],
+        "scaleScienceVarianceFactor": dm["science_variance_factor"],
+        "sciencePsfSize": dm["science_psf_fwhm"],
+        "templatePsfSize": dm["template_psf_fwhm"],
+        "nPsfSources": dm["n_stamps"],
+        "spatialKernelSum": dm["kernel_sum"],
+        "spatialConditionNum": dm["condition_number"],
+    }
+    for key, value in want.items():
+        assert md[key] == pytest.approx(float(value), rel=1e-9), key
+    assert md["convolvedExposure"] == "Template"
+    assert md["templateCoveragePercent"] == pytest.approx(100.0)
+    # timer entries: @timeMethod on run, self.timer stages inside it; end after start
+    for stage in ("run", "convertInputs", "convertOutputs"):
+        for what in ("StartUtc", "EndUtc", "StartCpuTime", "EndCpuTime"):
+            assert stage + what in md, stage + what
+        assert md[stage + "EndCpuTime"] >= md[stage + "StartCpuTime"]
+        assert md[stage + "EndUtc"] >= md[stage + "StartUtc"]
+    assert md["runStartUtc"] <= md["convertInputsStartUtc"] <= md["convertOutputsEndUtc"] <= md["runEndUtc"]
     config = butler.get("subtractImages_config")
     assert config.mode == "convolveTemplate" and config.requiredTemplateFraction == 0.1
+
+
+def test_butler_no_work(repo):
+    """A template covering 3.9% < requiredTemplateFraction: NoWorkFound is no work, not a failure."""
+    quanta = _execute(repo, "out/nowork", "detector = 1")  # raises if the quantum failed
+    assert len(quanta) == 1
+    butler = Butler.from_config(repo, collections=["out/nowork"])
+    for name in ("difference_image_predetection", "template_matched", "difference_kernel", "difference_kernel_sources"):
+        assert not butler.exists(name, NO_WORK_ID), name
+    md = butler.get("subtractImages_metadata", NO_WORK_ID)["subtractImages"]
+    assert "runStartUtc" in md and "spatialKernelSum" not in md
 
 
 def test_pipetask_cli(repo, direct):
@@ -263,6 +350,9 @@ def test_pipetask_cli(repo, direct):
     diff = butler.get("difference_image_predetection", DATA_ID)
     # another process: equal up to float32 rounding in the fit
     np.testing.assert_allclose(diff.image.array, np.asarray(direct.difference.image), rtol=1e-5, atol=1e-3)
+    # detector 1 (3.9% < 5% coverage) is no work for pipetask too: exit status 0, no difference
+    assert not butler.exists("difference_image_predetection", NO_WORK_ID)
+    assert butler.exists("subtractImages_metadata", NO_WORK_ID)
 
 
 def test_finalize_delegates(pair, direct):
