@@ -9,6 +9,9 @@ PYTEST_ARGS ?=
 # The `lsst` extra (LSST middleware, tests/test_lsst.py) needs Python >= 3.12; elsewhere those tests skip.
 LSST_EXTRA := $(shell $$(test -x $(PY) && echo $(PY) || echo $(BOOT_PY)) -c \
 	'import sys; print(",lsst" if sys.version_info >= (3, 12) else "")' 2>/dev/null)
+LSST_CHECK = @$(PY) -c 'import sys; sys.version_info >= (3, 12) or print("*** LSST integration tests will be \
+skipped: no Python 3.12 (the venv has %d.%d); make clean && make test with a Python 3.12 on PATH or pyenv ***" \
+% sys.version_info[:2])'
 
 .PHONY: env demo test test-all bench lint format clean
 
@@ -24,9 +27,11 @@ demo: $(STAMP)
 	$(VENV)/bin/jaxdiff demo
 
 test: $(STAMP)
+	$(LSST_CHECK)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 test-all: $(STAMP)
+	$(LSST_CHECK)
 	$(PY) -m pytest -n 2 -m "" $(PYTEST_ARGS)
 
 # Peers (SFFT, OIS) for the side-by-side benchmark; OIS builds a C extension that needs numpy at build time.
