@@ -234,7 +234,8 @@ def _make_repo(root, template, science, sources):
         det = data_id["detector"]
         reg.insertDimensionData("detector", {"instrument": INSTRUMENT, "id": det, "full_name": f"det{det}"})
     reg.insertDimensionData(
-        "visit", {"instrument": INSTRUMENT, "id": 1, "physical_filter": "r_dummy", "day_obs": 20250101}
+        "visit",
+        {"instrument": INSTRUMENT, "id": 1, "name": "visit1", "physical_filter": "r_dummy", "day_obs": 20250101},
     )
     corners = [(149.99, 1.99), (150.01, 1.99), (150.01, 2.01), (149.99, 2.01)]
     region = ConvexPolygon([UnitVector3d(LonLat.fromDegrees(a, d)) for a, d in corners])
