@@ -16,8 +16,15 @@ def _concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _native(x):
+    """NumPy arrays in non-native byte order (FITS data are big-endian) as native copies; JAX rejects them."""
+    if isinstance(x, np.ndarray) and not x.dtype.isnative:
+        return x.astype(x.dtype.newbyteorder("="))
+    return x
+
+
 def _as_float(x, name: str):
-    arr = jnp.asarray(x)
+    arr = jnp.asarray(_native(x))
     if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
         raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if not jnp.issubdtype(arr.dtype, jnp.floating):
@@ -58,7 +65,7 @@ class Exposure(eqx.Module):
         if mask is None:
             mask = jnp.zeros(image.shape, jnp.int32)
         else:
-            mask = jnp.asarray(mask)
+            mask = jnp.asarray(_native(mask))
             if not jnp.issubdtype(mask.dtype, jnp.integer):
                 if _concrete(mask) and not np.array_equal(np.asarray(mask), np.round(np.asarray(mask))):
                     raise ValueError(f"mask must hold integer bits, got dtype {mask.dtype} with fractions")

@@ -34,6 +34,9 @@ from ._stats import clipped_mean_std, standard_good, usable, variance_factor
 from ._types import solve_dtype
 
 _RESCALE_EXCLUDE = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP")
+# |pixel| at or above this is a fill sentinel (SExtractor/IRAF use ±1e30), not data: treated like NaN, since a
+# finite 1e30 would leak through the FFT convolution and decorrelation into every output pixel
+_MAX_PIXEL = 1e20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +101,12 @@ def make_plan(template: Exposure, science: Exposure, sources: Sources, config: S
                 size_min=config.kernel_size_min,
                 size_max=config.kernel_size_max,
             )
+    side = 2 * int(k) + 1
+    if side > min(science.shape):
+        raise ValueError(
+            f"kernel size {int(k)} needs ({side}, {side}) stamps, larger than the science image {science.shape}; "
+            "use a smaller kernel_size / kernel_size_max or a larger image"
+        )
     n_src = len(sources)
     n_slots = n_src if config.max_kernel_sources < 0 else min(config.max_kernel_sources, n_src)
     rank_by_snr = True
@@ -226,6 +235,7 @@ def _stage_prepare(template: Exposure, science: Exposure, config: SubtractConfig
     crop = (slice(h, h + ny), slice(h, h + nx))
     box = jnp.stack([science.xy0[0], science.xy0[1], nx, ny]).astype(sdt)
     var_s_raw = None
+    template, science = _sentinels_to_nan(template), _sentinels_to_nan(science)
 
     # --- variance rescaling (§4.1) ---
     def rescale(e: Exposure):
@@ -359,6 +369,7 @@ def _stage_select(st: dict, sources: Sources, config: SubtractConfig, plan: Plan
     cx, cy = _stamps.centres(sources.x, sources.y, science.xy0)
     margin = (k if cfg.restrict_kernel_edge_sources else 0) + (k if pre is not None else 0)
     ok = _stamps.usable_candidates(cx, cy, sources.valid, bad, k, margin)
+    ok = ok & ~_repeated(cx, cy, ok, nx)  # a duplicated source must not count its stamp twice
     side = 2 * k + 1
     if plan.rank_by_snr:
         score = jnp.where(jnp.isfinite(sources.flux), sources.flux, _snr(science.image, var_s, cy, cx, k))
@@ -650,3 +661,19 @@ def _snr(image, variance, cy, cx, k):
     var = _stamps.extract(jnp.where(good, variance, 0.0), cy - k, cx - k, side).astype(dt)
     s, v = jnp.sum(img, axis=(1, 2)), jnp.sum(var, axis=(1, 2))
     return s / jnp.sqrt(jnp.where(v > 0, v, 1.0))
+
+
+def _sentinels_to_nan(exposure: Exposure) -> Exposure:
+    """The exposure with |pixel| ≥ `_MAX_PIXEL` (and ±inf) set to NaN, so that they are flagged NO_DATA."""
+    image = exposure.image
+    return dataclasses.replace(exposure, image=jnp.where(jnp.abs(image) < _MAX_PIXEL, image, jnp.nan))
+
+
+def _repeated(cx, cy, ok, nx: int):
+    """Usable candidates whose stamp centre an earlier usable candidate (lower index) already has."""
+    idx = jnp.arange(cx.shape[0])
+    key = jnp.where(ok, cy * nx + cx, -1 - idx)  # unusable candidates get distinct negative keys
+    order = jnp.argsort(key, stable=True)
+    sk = key[order]
+    dup = jnp.concatenate([jnp.zeros(1, bool), sk[1:] == sk[:-1]])
+    return jnp.zeros_like(ok).at[order].set(dup)
