@@ -582,7 +582,7 @@ def _stage_decorrelate(st: dict, config: SubtractConfig, plan: Plan) -> Subtract
     good_t = standard_good(t_img, t_var, diff_mask, out_planes)
     good_u, good_c = (good_s, good_t) if plan.mode == "convolveTemplate" else (good_t, good_s)
     if cfg.do_decorrelation:
-        from ._finalize import decorrelate_arrays
+        from ._finalize import decorrelate_arrays, edge_pixels
 
         d_img, d_var, psf_diff, v_u, v_c = decorrelate_arrays(
             diff_img,
@@ -595,6 +595,7 @@ def _stage_decorrelate(st: dict, config: SubtractConfig, plan: Plan) -> Subtract
             psf_diff,
             science_matched=plan.mode == "convolveScience",
             preconv_kernel=None if pre is None else pre.kernel,
+            excluded=edge_pixels(diff_mask, out_planes),
         )
     else:
         d_img, d_var = diff_img, diff_var
