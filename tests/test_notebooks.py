@@ -5,12 +5,27 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tests.utils import REAL_DATA
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
+_NO_REAL_DATA = pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real data (../shared/data/real) not present")
+
+
 @pytest.mark.notebooks
-@pytest.mark.parametrize("name", ["01_quickstart", "02_forward_model", "03_batch"])
-def test_notebook_executes(name, tmp_path):
+@pytest.mark.parametrize(
+    "name",
+    [
+        "01_quickstart",
+        "02_forward_model",
+        "03_batch",
+        pytest.param("04_real_data", marks=[pytest.mark.data, _NO_REAL_DATA]),
+    ],
+)
+def test_notebook_executes(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXDIFF_REAL_DATA", str(REAL_DATA))  # the kernel inherits it
+    monkeypatch.setenv("JAXDIFF_FIGURE_DIR", str(tmp_path))
     from nbclient import NotebookClient
 
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
