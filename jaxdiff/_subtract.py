@@ -48,6 +48,7 @@ class Plan:
     n_slots: int  # stamp capacity
     basis_mode: str  # "config", "convolution", "deconvolution" (informational)
     rank_by_snr: bool = True  # some valid source lacks a flux: rank by measured S/N
+    basis_sigmas: tuple[float, ...] = ()  # Alard–Lupton widths from the concrete PSF widths (metadata only)
 
 
 def _concrete(x) -> bool:
@@ -89,11 +90,13 @@ def make_plan(template: Exposure, science: Exposure, sources: Sources, config: S
             ws = (ws[0] * np.sqrt(2.0), ws[1] * np.sqrt(2.0))  # fit FWHM_T → √2·FWHM_S (§12)
     k = config.kernel_size
     basis_mode = "config"
+    basis_sigmas = tuple(float(v) for v in config.al_sig_gauss) if config.kernel_basis == "alard-lupton" else ()
     if config.kernel_basis == "alard-lupton" and wt is not None and ws is not None:
         sx = float(np.sqrt(0.5 * (wt[0] ** 2 + wt[1] ** 2)))
         ss = float(np.sqrt(0.5 * (ws[0] ** 2 + ws[1] ** 2)))
         sig_x, sig_y = (sx, ss) if mode == "convolveTemplate" else (ss, sx)
         widths, basis_mode = _basis.alard_lupton_widths(sig_x, sig_y, **_width_kwargs(config))
+        basis_sigmas = tuple(float(v) for v in np.asarray(widths))
         if config.scale_by_fwhm:
             k = _basis.kernel_size(
                 np.asarray(widths),
@@ -113,7 +116,14 @@ def make_plan(template: Exposure, science: Exposure, sources: Sources, config: S
     if all(_concrete(v) for v in (sources.flux, sources.valid)):
         flux, valid = np.asarray(sources.flux), np.asarray(sources.valid)
         rank_by_snr = not bool(np.all(np.isfinite(flux[valid])))
-    return Plan(mode=mode, k=int(k), n_slots=max(int(n_slots), 1), basis_mode=basis_mode, rank_by_snr=rank_by_snr)
+    return Plan(
+        mode=mode,
+        k=int(k),
+        n_slots=max(int(n_slots), 1),
+        basis_mode=basis_mode,
+        rank_by_snr=rank_by_snr,
+        basis_sigmas=basis_sigmas,
+    )
 
 
 def _width_kwargs(config):

@@ -172,6 +172,8 @@ class AlardLuptonSubtract(eqx.Module):
             convolved_exposure="template" if plan.mode == "convolveTemplate" else "science",
             kernel_size=plan.k,
             basis_mode=plan.basis_mode,
+            basis_sigmas=list(plan.basis_sigmas),
+            basis_degrees=list(cfg.al_deg_gauss) if cfg.kernel_basis == "alard-lupton" else [],
             template_coverage=coverage,
             template_psf_fwhm=None if wt is None else 2.3548 * float(np.sqrt(0.5 * (wt[0] ** 2 + wt[1] ** 2))),
             science_psf_fwhm=None if ws is None else 2.3548 * float(np.sqrt(0.5 * (ws[0] ** 2 + ws[1] ** 2))),
