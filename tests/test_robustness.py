@@ -135,7 +135,7 @@ def test_extreme_pixel_values_stay_local(pair, task, base, where, masked):
     if masked:  # a template SAT pixel lands in SAT_TEMPLATE
         assert np.asarray(d.mask)[40, 120] & _bit(d, "SAT" if where == "science" else "SAT_TEMPLATE")
     noise = float(np.sqrt(np.median(np.asarray(base.difference.variance))))
-    # measured: ≤ 1.5e-4 σ (science), ≤ 6e-3 σ (template: the matched template changes slightly)
+    # measured beyond 2·half: 8e-5 σ (science), 3.3e-3 σ (template: one stamp fewer, the kernel changes slightly)
     assert np.max(np.abs(img_d[far] - np.asarray(base.difference.image)[far])) < 0.05 * noise
     assert np.max(np.asarray(d.variance)[far]) < 10 * np.max(np.asarray(base.difference.variance))
 
