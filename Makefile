@@ -13,7 +13,7 @@ LSST_CHECK = @$(PY) -c 'import sys; sys.version_info >= (3, 12) or print("*** LS
 skipped: no Python 3.12 (the venv has %d.%d); make clean && make test with a Python 3.12 on PATH or pyenv ***" \
 % sys.version_info[:2])'
 
-.PHONY: env demo test test-all bench lint format clean
+.PHONY: env demo test test-all test-slow bench lint format clean
 
 env: $(STAMP)
 
@@ -33,6 +33,11 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(LSST_CHECK)
 	$(PY) -m pytest -n 2 -m "" $(PYTEST_ARGS)
+
+# The tests marked slow only (jit/vmap/grad checks of the core, §15 scenarios, Dask, pull test, benchmark smoke run):
+# about 5 minutes on 2 cores; CI runs them after `make test`.
+test-slow: $(STAMP)
+	$(PY) -m pytest -n 2 -m slow $(PYTEST_ARGS)
 
 # Peers (SFFT, OIS) for the side-by-side benchmark; OIS builds a C extension that needs numpy at build time.
 # A failed peer install is reported and the benchmark then marks that peer as skipped.
