@@ -233,14 +233,17 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
     return _stage_decorrelate(st, config, plan)
 
 
+def _frame(template: Exposure, science: Exposure, config: SubtractConfig, plan: Plan):
+    """(k, h, ny, nx, output plane table): the static geometry every stage starts from."""
+    ny, nx = science.shape
+    return plan.k, plan.k // 2, ny, nx, output_planes(science.mask_planes, template.mask_planes, config)
+
+
 def _stage_prepare(template: Exposure, science: Exposure, config: SubtractConfig, plan: Plan) -> dict:
     """Variance rescaling, masks, cut-outs and coverage (ALGORITHM §1, §3, §4)."""
     cfg = config
-    k = plan.k
-    h = k // 2
-    ny, nx = science.shape
+    k, h, ny, nx, out_planes = _frame(template, science, cfg, plan)
     sdt = solve_dtype()
-    out_planes = output_planes(science.mask_planes, template.mask_planes, cfg)
     nodata_bit = plane_bit(out_planes, "NO_DATA")
     crop = (slice(h, h + ny), slice(h, h + nx))
     box = jnp.stack([science.xy0[0], science.xy0[1], nx, ny]).astype(sdt)
@@ -332,11 +335,8 @@ def _stage_select(st: dict, sources: Sources, config: SubtractConfig, plan: Plan
     science = st["science"]
     template = st["template"]
     cfg = config
-    k = plan.k
-    h = k // 2
-    ny, nx = science.shape
+    k, h, ny, nx, out_planes = _frame(template, science, cfg, plan)
     sdt = solve_dtype()
-    out_planes = output_planes(science.mask_planes, template.mask_planes, cfg)
     var_s = st["var_s"]
     mask_s = st["mask_s"]
     t_mask = st["t_mask"]
@@ -459,10 +459,7 @@ def _stage_convolve(st: dict, config: SubtractConfig, plan: Plan) -> dict:
     science = st["science"]
     template = st["template"]
     cfg = config
-    k = plan.k
-    h = k // 2
-    ny, nx = science.shape
-    out_planes = output_planes(science.mask_planes, template.mask_planes, cfg)
+    k, h, ny, nx, out_planes = _frame(template, science, cfg, plan)
     edge_bit = plane_bit(out_planes, "EDGE")
     crop = (slice(h, h + ny), slice(h, h + nx))
     var_s = st["var_s"]
@@ -560,8 +557,7 @@ def _stage_decorrelate(st: dict, config: SubtractConfig, plan: Plan) -> Subtract
     science = st["science"]
     template = st["template"]
     cfg = config
-    ny, nx = science.shape
-    out_planes = output_planes(science.mask_planes, template.mask_planes, cfg)
+    _, _, ny, nx, out_planes = _frame(template, science, cfg, plan)
     var_s = st["var_s"]
     t_img = st["t_img"]
     t_var = st["t_var"]
