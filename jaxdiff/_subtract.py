@@ -55,6 +55,12 @@ def _concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+@eqx.filter_jit
+def _sigma_xy(psf: Psf):
+    # compiled once per PSF type and size: eager adaptive moments dispatch ~40 iterations op by op (85 ms)
+    return psf.sigma_xy()
+
+
 def psf_widths(psf: Psf | None):
     """(sigma_x, sigma_y) as Python floats, or None when there is no PSF or it is traced."""
     if psf is None:
@@ -62,7 +68,7 @@ def psf_widths(psf: Psf | None):
     leaves = jax.tree.leaves(psf)
     if not all(_concrete(v) for v in leaves):
         return None
-    sx, sy = jax.device_get(psf.sigma_xy())
+    sx, sy = jax.device_get(_sigma_xy(psf))
     if not (np.isfinite(sx) and np.isfinite(sy)):
         raise ValueError("the PSF width cannot be measured at the image centre (adaptive moments failed)")
     return float(sx), float(sy)
