@@ -180,17 +180,17 @@ def subtract(template: Exposure, science: Exposure, sources: Sources, config: Su
     )
 
 
-def subtract_staged(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, clock):
+def subtract_staged(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan, clock):
     """`subtract` run stage by stage, each stage jitted on its own and timed with `block_until_ready`.
 
     Arguments:
+        plan: the static plan from `make_plan` for these inputs (the caller already built it for its checks).
         clock: a callable returning seconds (e.g. `time.perf_counter`).
 
     Returns:
         (result, timings): the same result as `subtract` (a test checks they agree) and the wall time of
         each stage in `STAGES`, compilation included on a first call.
     """
-    plan = make_plan(template, science, sources, config)
     t_in, s_in = _strip_wcs(template), _strip_wcs(science)
     timings = {}
 

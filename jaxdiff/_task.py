@@ -146,7 +146,7 @@ class AlardLuptonSubtract(eqx.Module):
                 raise _fit_failure(InsufficientKernelSourcesError(0, cfg.min_kernel_sources), coverage, cfg)
             plan = make_plan(template, science, sources, cfg)
             timing["checks"] = time.perf_counter() - t0
-            result, stage_times = subtract_staged(template, science, sources, cfg, time.perf_counter)
+            result, stage_times = subtract_staged(template, science, sources, cfg, plan, time.perf_counter)
             timing.update(stage_times)
             md = {k: np.asarray(v).item() for k, v in jax.device_get(result.metadata).items()}
         status = RESULTS(int(md["status"]))
