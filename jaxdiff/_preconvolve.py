@@ -7,6 +7,7 @@ import numpy as np
 from . import convolve as _convolve
 from ._mask import bitmask, plane_bit
 from ._psf import Psf
+from ._stats import quantile_masked
 from ._types import Array, Float, Image, Kernel, MaskImage, solve_dtype
 
 
@@ -59,7 +60,7 @@ def fill_bad(image: Image, mask: MaskImage, planes, bad_planes) -> tuple[Image, 
         (filled image, number of pixels replaced).
     """
     bad = ((mask & bitmask(planes, bad_planes)) != 0) | ~jnp.isfinite(image)
-    med = jnp.nanmedian(jnp.where(bad, jnp.nan, image))
+    med = quantile_masked(image, ~bad, 0.5)
     med = jnp.where(jnp.isfinite(med), med, 0.0).astype(image.dtype)
     return jnp.where(bad, med, image), jnp.sum(bad)
 

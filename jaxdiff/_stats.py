@@ -9,6 +9,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from ._mask import PlaneTable, bitmask
 from ._types import Array, Bool, Float, Image, MaskImage, Scalar, solve_dtype
@@ -38,15 +39,52 @@ def _subsample(values, good, max_samples: int | None):
     return flat, keep
 
 
+def _sortable_int(x):
+    """An integer key with the order of the floats x (−0 just below +0, NaN above +inf); an involution."""
+    itype = jnp.int64 if x.dtype == jnp.float64 else jnp.int32
+    bits = lax.bitcast_convert_type(x, itype)
+    return jnp.where(bits < 0, bits ^ jnp.iinfo(itype).max, bits)
+
+
+def _float_of_key(key, dtype):
+    itype = key.dtype
+    return lax.bitcast_convert_type(jnp.where(key < 0, key ^ jnp.iinfo(itype).max, key), dtype)
+
+
+def sort_floats(x: Float[Array, " n"]) -> Float[Array, " n"]:
+    """`jnp.sort` of a 1-D float array (or along the last axis) by way of order-preserving integer keys.
+
+    XLA's CPU sort compares floats through a NaN-aware comparator: sorting 2¹⁸ float64 values took 53 ms on
+    the 2-core development machine, the same values as int64 keys 17 ms (float32 → int32: 14 ms). The result
+    is the same array; no gradient flows through it (`_order_statistics` supplies one).
+    """
+    keys = lax.sort(_sortable_int(lax.stop_gradient(x)), dimension=x.ndim - 1, is_stable=False)
+    return _float_of_key(keys, x.dtype)
+
+
+@jax.custom_jvp
+def _order_statistics(x, index):
+    """sorted(x)[index] (x 1-D, index an integer array); its derivative is that of the chosen elements."""
+    return sort_floats(x)[index]
+
+
+@_order_statistics.defjvp
+def _order_statistics_jvp(primals, tangents):
+    x, index = primals
+    values = _order_statistics(x, index)
+    # the element holding each value (any one of equal ones, as for jnp.sort); only built when differentiating
+    position = jnp.argmax(x[None, :] == jnp.ravel(values)[:, None], axis=1).reshape(values.shape)
+    return values, tangents[0][position]
+
+
 def _quantiles_flat(flat, keep, q):
     """Linear-interpolated quantiles of flat[keep] via a sort with the rejected values moved to +inf."""
     n = jnp.sum(keep)
-    ordered = jnp.sort(jnp.where(keep, flat, jnp.inf))
     pos = jnp.asarray(q, flat.dtype) * jnp.maximum(n - 1, 0).astype(flat.dtype)
     lo = jnp.floor(pos).astype(jnp.int32)
     hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
     frac = pos - lo
-    a, b = ordered[lo], ordered[hi]
+    a, b = _order_statistics(jnp.where(keep, flat, jnp.inf), jnp.stack([lo, hi]))
     # a, b are finite whenever n > 0; the guard keeps inf out of the n == 0 branch and its gradient.
     a = jnp.where(n > 0, a, 0.0)
     b = jnp.where(n > 0, b, 0.0)

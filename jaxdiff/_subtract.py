@@ -30,7 +30,7 @@ from ._prepare import (
 from ._psf import Psf
 from ._result import SubtractResult
 from ._sources import Sources
-from ._stats import clipped_mean_std, standard_good, usable, variance_factor
+from ._stats import clipped_mean_std, quantile_masked, standard_good, usable, variance_factor
 from ._types import solve_dtype
 
 _RESCALE_EXCLUDE = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP")
@@ -407,7 +407,8 @@ def _stage_select(st: dict, sources: Sources, config: SubtractConfig, plan: Plan
     y_core = jnp.where(finite & jnp.isfinite(y_stamp), y_stamp, 0.0).astype(sdt)[core_sl]
     vy_core = jnp.where(finite & jnp.isfinite(vy_stamp), vy_stamp, 1.0).astype(sdt)[core_sl]
     if cfg.constant_variance_weighting:
-        med = jnp.median((vx_stamp + jnp.where(finite, vy_stamp, 1.0)).reshape(len(index), -1), axis=1)
+        total = (vx_stamp + jnp.where(finite, vy_stamp, 1.0)).reshape(len(index), -1)
+        med = jax.vmap(lambda v: quantile_masked(v, jnp.ones(v.shape, bool), 0.5))(total)
         weight = jnp.where(med > 0, 1.0 / jnp.where(med > 0, med, 1.0), 1.0)
     else:
         weight = None
@@ -490,7 +491,7 @@ def _stage_convolve(st: dict, config: SubtractConfig, plan: Plan) -> dict:
     tx, ty = spatial.separable_terms(box, (ny + 2 * h, nx + 2 * h), xy0_g, P_order, cfg.spatial_model_type)
     x_good = usable(x_img, x_var) & xg[3]
     stride = max(1, int(np.ceil(np.sqrt(x_img.size / 2**16))))  # the level only needs ~6e4 samples
-    x_med = jnp.nanmedian(jnp.where(x_good, x_img, jnp.nan)[::stride, ::stride])
+    x_med = quantile_masked(x_img[::stride, ::stride], x_good[::stride, ::stride], 0.5)
     x_med = lax.stop_gradient(jnp.where(jnp.isfinite(x_med), x_med, 0.0))
     preserve = bitmask(out_planes, cfg.preserve_mask_planes)
     conv_img, conv_var, conv_mask = _convolve.convolve_spatial(
