@@ -27,7 +27,13 @@ class BackgroundModel(eqx.Module):
         t = spatial.terms(x, y, self.box, self.order, self.model)
         return jnp.tensordot(self.coefficients, t.astype(self.coefficients.dtype), axes=1)
 
-    def image(self, shape: tuple[int, int], xy0=(0, 0)) -> Image:
-        """Render the background on an array of `shape` whose element [0, 0] is at parent `xy0`."""
+    def image(self, shape: tuple[int, int], xy0=(0, 0), dtype=None) -> Image:
+        """Render the background on an array of `shape` whose element [0, 0] is at parent `xy0`.
+
+        `dtype`: the dtype of the rendered image (default the coefficients'); the per-axis terms are computed
+        in the coefficients' precision and only the final outer-product sum runs in `dtype`.
+        """
         tx, ty = spatial.separable_terms(self.box, shape, jnp.asarray(xy0), self.order, self.model)
-        return jnp.einsum("m,my,mx->yx", self.coefficients, ty.astype(self.coefficients.dtype), tx)
+        dtype = self.coefficients.dtype if dtype is None else dtype
+        ty = (ty.astype(self.coefficients.dtype) * self.coefficients[:, None]).astype(dtype)
+        return jnp.einsum("my,mx->yx", ty, tx.astype(dtype))

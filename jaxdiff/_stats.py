@@ -31,12 +31,11 @@ _IQR_TO_SIGMA = 0.7413
 
 def _subsample(values, good, max_samples: int | None):
     """Flatten, cast to the accumulation dtype and keep every s-th element so that at most max_samples remain."""
-    flat = jnp.ravel(values).astype(solve_dtype())
-    keep = jnp.ravel(good)
+    flat, keep = jnp.ravel(values), jnp.ravel(good)
     if max_samples is not None and flat.size > max_samples:
         stride = math.ceil(flat.size / max_samples)
         flat, keep = flat[::stride], keep[::stride]
-    return flat, keep
+    return flat.astype(solve_dtype()), keep  # cast after striding: no image-sized float64 copy
 
 
 def _sortable_int(x):

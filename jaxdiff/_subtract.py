@@ -302,7 +302,7 @@ def _stage_prepare(template: Exposure, science: Exposure, config: SubtractConfig
     # --- coverage (§3) ---
     nodata_val = 0 if nodata_bit is None else (1 << nodata_bit)
     lacks = ((t_mask | mask_s) & nodata_val) != 0
-    coverage = 1.0 - jnp.mean(lacks.astype(sdt))
+    coverage = 1.0 - jnp.sum(lacks, dtype=jnp.int32).astype(sdt) / lacks.size
 
     st = {}
     return dict(
@@ -510,7 +510,7 @@ def _stage_convolve(st: dict, config: SubtractConfig, plan: Plan) -> dict:
 
     # --- difference (§10) ---
     background = BackgroundModel(bg_coeffs, box, Q_order, cfg.spatial_model_type)
-    bg_img = background.image((ny, nx), science.xy0).astype(img_dtype)
+    bg_img = background.image((ny, nx), science.xy0, dtype=img_dtype)
     bg_sub = bg_img if cfg.do_subtract_background else jnp.zeros_like(bg_img)
     k0 = kappa0.astype(img_dtype)
     if plan.mode == "convolveTemplate":

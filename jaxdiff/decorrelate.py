@@ -33,10 +33,25 @@ def grid_shape(image_shape: tuple[int, int], k: int, psf_size: int) -> tuple[int
 
 
 def _centred_spectrum(kernel: Kernel, shape: tuple[int, int]):
-    """rfft2 of an odd-sized kernel zero-padded to `shape` with its centre at index (0, 0)."""
+    """rfft2 of an odd-sized kernel zero-padded to `shape` with its centre at index (0, 0).
+
+    Evaluated as two small DFT matrix products (k taps per axis) instead of a transform of the padded grid:
+    no grid-sized real copy and no roll, and the cost is linear in the grid size.
+    """
     ky, kx = kernel.shape
-    padded = jnp.pad(kernel, ((0, shape[0] - ky), (0, shape[1] - kx)))
-    return jnp.fft.rfft2(jnp.roll(padded, (-(ky // 2), -(kx // 2)), axis=(0, 1)))
+    ny, nx = shape
+    dtype = jnp.result_type(kernel.dtype, jnp.float32)
+    ey = _dft_matrix(ny, ky, dtype, full=True)  # (ny, ky)
+    ex = _dft_matrix(nx, kx, dtype, full=False)  # (nx//2 + 1, kx)
+    return ey @ (kernel.astype(dtype) @ ex.T)
+
+
+def _dft_matrix(n: int, k: int, dtype, full: bool):
+    """exp(−2πi ν t / n) for frequencies ν (all n, or the rfft half) and centred taps t = −k//2 .. k//2."""
+    nu = np.arange(n if full else n // 2 + 1)
+    taps = np.arange(k) - k // 2
+    phase = 2 * np.pi * np.mod(np.outer(nu, taps), n) / n  # reduced mod n: exact phases for large grids
+    return jnp.asarray(np.exp(-1j * phase), jnp.result_type(dtype, jnp.complex64))
 
 
 def _half_plane_weights(shape: tuple[int, int], dtype) -> Float[Array, " nxh"]:
@@ -70,6 +85,30 @@ def _spectra(kernel, v_u, v_c, shape, preconv_kernel):
     return c_hat, c_n, k_hat * c_hat
 
 
+def _filter_and_weights(kernel, v_u, v_c, shape, preconv_kernel):
+    """(Ĉ, w₁, w₂) from real arrays only: |ĉ_n|² = Ĉ² (× |P̂|²) and |ĉ_r|² = |K̂|² Ĉ², so no complex
+    filter products are formed on the grid (the same numbers as `_spectra` + `_mean_cross`)."""
+    dtype = solve_dtype()
+    kernel = kernel.astype(dtype)
+    v_u = jnp.asarray(v_u, dtype)
+    v_c = jnp.asarray(v_c, dtype)
+    k_hat = _centred_spectrum(kernel, shape)
+    k2 = jnp.real(k_hat) ** 2 + jnp.imag(k_hat) ** 2
+    target = v_u + v_c * jnp.sum(kernel) ** 2
+    w = _half_plane_weights(shape, dtype)
+    if preconv_kernel is None:
+        c_hat = jnp.sqrt(target / (v_u + v_c * k2)).at[0, 0].set(1.0)
+        n2 = c_hat**2
+    else:
+        p_hat = _centred_spectrum(preconv_kernel.astype(dtype), shape)
+        p2 = jnp.maximum(jnp.real(p_hat) ** 2 + jnp.imag(p_hat) ** 2, 1000 * jnp.finfo(dtype).tiny)
+        c_hat = (target / (v_u + v_c * k2 / p2)).at[0, 0].set(1.0)
+        n2 = (jnp.real(p_hat) ** 2 + jnp.imag(p_hat) ** 2) * c_hat**2
+    w1 = jnp.sum(w * n2)
+    w2 = jnp.sum(w * k2 * c_hat**2)
+    return c_hat, w1, w2
+
+
 def decorrelation_filter(
     kernel: Kernel,
     v_u: Scalar | float,
@@ -99,11 +138,17 @@ def _mean_cross(a, b, shape) -> Scalar:
 
 
 def _real_filter(c_hat, shape, size: int) -> Kernel:
-    """The real-space filter c, centred in an odd size × size array."""
-    c = jnp.fft.irfft2(c_hat, s=shape)
-    h = size // 2
-    c = jnp.roll(c, (h, h), axis=(0, 1))
-    return c[:size, :size]
+    """The real-space filter c, centred in an odd size × size array.
+
+    Only size² values of the inverse transform are needed: they are evaluated as DFT matrix products over the
+    rfft half plane (the spectrum is real and even), without a grid-sized inverse transform.
+    """
+    ny, nx = shape
+    ey = jnp.conj(_dft_matrix(ny, size, c_hat.dtype, full=True)).T  # (size, ny): exp(+2πi ν y / ny)
+    ex = jnp.conj(_dft_matrix(nx, size, c_hat.dtype, full=False))  # (nx//2 + 1, size)
+    w = _half_plane_weights(shape, c_hat.dtype) * (ny * nx)  # 1 or 2: each rfft column's multiplicity
+    partial = ey @ c_hat.astype(ey.dtype)  # (size, nx//2 + 1)
+    return jnp.real((partial * w[None, :]) @ ex) / (ny * nx)
 
 
 def _filter_size(k: int, shape: tuple[int, int]) -> int:
@@ -116,8 +161,8 @@ def _apply(image: Image, c_hat, shape) -> Image:
     restored afterwards."""
     finite = jnp.isfinite(image)
     acc = solve_dtype()
-    n = jnp.maximum(jnp.sum(finite), 1)
-    mean = (jnp.sum(jnp.where(finite, image, 0.0).astype(acc)) / n).astype(image.dtype)
+    n = jnp.maximum(jnp.sum(finite, dtype=jnp.int32), 1)
+    mean = (jnp.sum(jnp.where(finite, image, 0.0), dtype=acc) / n).astype(image.dtype)
     filled = jnp.where(finite, image, mean)
     ny, nx = image.shape
     padded = jnp.pad(filled, ((0, shape[0] - ny), (0, shape[1] - nx)))
@@ -155,9 +200,7 @@ def decorrelate(
     if psf_size is None:
         psf_size = k if preconv_kernel is None else preconv_kernel.shape[0]
     shape = grid_shape(image.shape, k, psf_size)
-    c_hat, c_n, c_r = _spectra(kernel, v_u, v_c, shape, preconv_kernel)
-    w1 = _mean_cross(c_n, c_n, shape)
-    w2 = _mean_cross(c_r, c_r, shape)
+    c_hat, w1, w2 = _filter_and_weights(kernel, v_u, v_c, shape, preconv_kernel)
     out = _apply(image, c_hat, shape)
     variance = var_u * w1.astype(var_u.dtype) + var_c * w2.astype(var_c.dtype)
     return out, variance, _real_filter(c_hat, shape, _filter_size(k, shape))
