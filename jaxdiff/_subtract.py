@@ -31,6 +31,7 @@ from ._psf import Psf
 from ._result import SubtractResult
 from ._sources import Sources
 from ._stats import clipped_mean_std, quantile_masked, standard_good, usable, variance_factor
+from ._threads import run_blocking, single_threaded_blas
 from ._types import solve_dtype
 
 _RESCALE_EXCLUDE = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP")
@@ -172,7 +173,7 @@ def subtract(template: Exposure, science: Exposure, sources: Sources, config: Su
     """
     config = SubtractConfig() if config is None else config
     plan = make_plan(template, science, sources, config)
-    result = _core(_strip_wcs(template), _strip_wcs(science), sources, config, plan)
+    result = run_blocking(_core, _strip_wcs(template), _strip_wcs(science), sources, config, plan)
     return dataclasses.replace(
         result,
         difference=_with_wcs(result.difference, science.wcs),
@@ -200,11 +201,12 @@ def subtract_staged(template: Exposure, science: Exposure, sources: Sources, con
         timings[name] = clock() - t0
         return out
 
-    st = timed("prepare", _jit_prepare, t_in, s_in)
-    st = timed("select", _jit_select, st, sources)
-    st = timed("fit", _jit_fit, st)
-    st = timed("convolve", _jit_convolve, st)
-    result = timed("decorrelate", _jit_decorrelate, st)
+    with single_threaded_blas():
+        st = timed("prepare", _jit_prepare, t_in, s_in)
+        st = timed("select", _jit_select, st, sources)
+        st = timed("fit", _jit_fit, st)
+        st = timed("convolve", _jit_convolve, st)
+        result = timed("decorrelate", _jit_decorrelate, st)
     result = dataclasses.replace(
         result,
         difference=_with_wcs(result.difference, science.wcs),

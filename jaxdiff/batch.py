@@ -21,6 +21,7 @@ from ._io import read_exposure, write_exposure
 from ._result import SubtractResult
 from ._sources import Sources
 from ._subtract import Plan, _strip_wcs, _with_wcs, core, make_plan
+from ._threads import run_blocking
 
 _AXIS = "pairs"
 _PER_DEVICE = 4  # default pairs per device and batch: enough to amortise dispatch, small in memory
@@ -74,7 +75,7 @@ def subtract_batch(
     batch = (_strip_wcs(templates), _strip_wcs(sciences), sources)
     if templates.image.shape[0] % jax.device_count() == 0:
         batch = jax.device_put(batch, _sharding())
-    return _batched_core(*batch, config, plan)
+    return run_blocking(_batched_core, *batch, config, plan)
 
 
 def _check_pairs(pairs) -> None:
@@ -138,7 +139,7 @@ def run_many(
             padded = chunk + [chunk[-1]] * (size - len(chunk))
             batch = tuple(stack([_strip_wcs(p[j]) if j < 2 else p[j] for p in padded]) for j in range(3))
             batch = jax.device_put(batch, sharding)
-            out = jax.device_get(_batched_core(*batch, config, plan))
+            out = jax.device_get(run_blocking(_batched_core, *batch, config, plan))
             for (_, science, _), result in zip(chunk, unstack(out, len(chunk)), strict=True):
                 results.append(
                     dataclasses.replace(

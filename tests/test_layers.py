@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxdiff"
 
 LAYERS = {
-    1: {"_types", "_errors", "_mask"},
+    1: {"_types", "_errors", "_mask", "_threads"},
     2: {"spatial", "basis", "stamps", "convolve", "solvers", "decorrelate", "_stats"},
     3: {"_psf", "_exposure", "_sources", "_kernel", "_background", "_config", "_result"},
     4: {"_subtract", "_fit", "_prepare", "_preconvolve", "_finalize"},
