@@ -18,6 +18,7 @@ from .solvers._normal import (
     stamp_alphas,
     stamp_designs,
     stamp_normal,
+    stamp_spectrum,
 )
 
 
@@ -56,7 +57,7 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
 
     Arguments:
         data: the stamp slots.
-        basis: (n, k, k) basis images; factors: (fx, fy, mix) separable form of the same basis.
+        basis: (n, k, k) basis images; factors: (fx, fy, mix[, x_groups]) separable form of the same basis (see `stamp_designs`).
         solver: `LeastSquares` or `OptaxSolver` for the global system.
         cfg: `SubtractConfig` (static numbers: cell size, stars per cell, thresholds, iterations).
         reg: optional (n + 1, n + 1) penalty added to every per-stamp normal matrix (delta-function
@@ -67,9 +68,9 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
     Q = data.q.shape[-1]
     N = data.valid.shape[0]
     dtype = data.x_stamp.dtype
-    fx, fy, mix = factors
+    fx, fy, mix, *groups = factors
 
-    C = stamp_designs(data.x_stamp, fx, fy, mix)
+    C = stamp_designs(data.x_stamp, fx, fy, mix, *groups)
     Ms, bs = jax.vmap(stamp_normal)(C, data.y_core, data.weight.astype(dtype))
     valid = data.valid
     if reg is not None:
@@ -77,13 +78,17 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
     Ms = jnp.where(valid[:, None, None], Ms, jnp.eye(n + 1, dtype=dtype))
     bs = jnp.where(valid[:, None], bs, 0.0)
 
+    k = basis.shape[-1]
+    vx_spec = jax.vmap(lambda v: stamp_spectrum(v, k))(data.vx_stamp)  # reused by every residual test
+
     def test(alpha):
         return batched(
-            lambda Cs, yc, vyc, vxs, g, a: residual_stats(Cs, yc, vyc, vxs, g, a, basis),
+            lambda Cs, yc, vyc, vxs, vsp, g, a: residual_stats(Cs, yc, vyc, vxs, g, a, basis, vsp),
             C,
             data.y_core,
             data.vy_core,
             data.vx_stamp,
+            vx_spec,
             data.good_core,
             alpha,
         )

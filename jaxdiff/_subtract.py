@@ -451,7 +451,12 @@ def _stage_fit(st: dict, config: SubtractConfig, plan: Plan) -> dict:
     n = basis_images.shape[0]
     P_order, Q_order = cfg.spatial_kernel_order, cfg.spatial_bg_order
     # --- fit (§7, §8) ---
-    fit = fit_kernel(data, basis_images, (fx, fy, mix), cfg.solver, cfg, reg)
+    k = basis_images.shape[-1]
+    if cfg.kernel_basis == "alard-lupton":
+        groups = _basis.x_factor_groups(tuple(cfg.al_deg_gauss))
+    else:  # delta functions: raw image r has column factor eye[r % k]
+        groups = (tuple(range(k)), tuple(r % k for r in range(k * k)))
+    fit = fit_kernel(data, basis_images, (fx, fy, mix, groups), cfg.solver, cfg, reg)
     theta = fit.theta
     P = spatial.n_terms(P_order)
     spatial.n_terms(Q_order)

@@ -170,6 +170,14 @@ def alard_lupton(k: int, sigmas, degrees: tuple[int, ...] = (4, 2, 2), orthonorm
     return jnp.concatenate([basis[:1], rest.reshape(n - 1, k, k)])
 
 
+def x_factor_groups(degrees: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Raw images sharing their column factor (same Gaussian, same power of u): (first raw index of each
+    distinct factor, distinct-factor index of every raw image). Static; 11 distinct of 27 for (4, 2, 2)."""
+    keys = [(i, ex) for i, degree in enumerate(degrees) for ex, _ in _exponents(degree)]
+    distinct = list(dict.fromkeys(keys))
+    return tuple(keys.index(d) for d in distinct), tuple(distinct.index(key) for key in keys)
+
+
 def alard_lupton_factors(
     k: int, sigmas, degrees: tuple[int, ...] = (4, 2, 2), orthonormalize: bool = True
 ) -> tuple[Float[Array, "nraw k"], Float[Array, "nraw k"], Float[Array, "n nraw"]]:

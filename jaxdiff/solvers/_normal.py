@@ -1,6 +1,7 @@
 """Stamp design matrices and weighted normal equations (ALGORITHM §7, §8.2), in the solve dtype."""
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .._types import Array, Float
@@ -18,7 +19,7 @@ def toeplitz(f: Float[Array, "r k"], n_in: int) -> Float[Array, "r n_in c"]:
     return jnp.where(ok[None], f[:, ::-1][:, jnp.clip(j, 0, k - 1)], 0.0)
 
 
-def stamp_designs(stamps: Float[Array, "N s s"], fx, fy, mix) -> Float[Array, "N n c c"]:
+def stamp_designs(stamps: Float[Array, "N s s"], fx, fy, mix, x_groups=None) -> Float[Array, "N n c c"]:
     """Basis images convolved with each stamp, on the stamps' cores (shrunk by h on each side).
 
     Uses the separable form of the basis (raw image r = fy[r] ⊗ fx[r], basis = mix @ raw): a pass in x
@@ -29,14 +30,17 @@ def stamp_designs(stamps: Float[Array, "N s s"], fx, fy, mix) -> Float[Array, "N
         stamps: the convolved image X on (2k + 1)² stamps.
         fx, fy: 1-D factors, shape (n_raw, k), element [r, h + u] at offset u.
         mix: (n, n_raw) mixing matrix.
+        x_groups: optional static (first, inverse) from `basis.x_factor_groups`: raw images that share a
+            column factor share the x pass (11 passes instead of 27 for the default Alard–Lupton basis).
 
     Returns:
         C_b = B_b ∗ X on the (k + 2)² cores, shape (N, n, k + 2, k + 2).
     """
     s = stamps.shape[-1]
-    tx = toeplitz(fx.astype(stamps.dtype), s)
+    first, inverse = (tuple(range(fx.shape[0])),) * 2 if x_groups is None else x_groups
+    tx = toeplitz(fx[np.asarray(first)].astype(stamps.dtype), s)
     ty = toeplitz(fy.astype(stamps.dtype), s)
-    zx = jnp.einsum("nyq,rqi->nryi", stamps, tx)
+    zx = jnp.einsum("nyq,rqi->nryi", stamps, tx)[:, np.asarray(inverse)]
     zy = jnp.einsum("ryp,nryi->nrpi", ty, zx)
     return jnp.einsum("br,nrpi->nbpi", mix.astype(stamps.dtype), zy)
 
@@ -61,18 +65,34 @@ def stamp_normal(design, target, weight):
     return cw @ cols.T, cw @ target.reshape(-1)
 
 
-def convolve_valid_fft(image: Float[Array, "s s"], kernel: Float[Array, "k k"]) -> Float[Array, "c c"]:
-    """Valid-mode convolution of a small stamp (output side s − k + 1) via a zero-padded FFT."""
+def _valid_fft_length(s: int, k: int) -> int:
+    """A fast transform length ≥ s + k − 1 (powers of 2, 3, 5) for valid-mode stamp convolutions."""
+    from ..convolve import next_fast_len
+
+    return next_fast_len(s + k - 1)
+
+
+def stamp_spectrum(image: Float[Array, "s s"], k: int):
+    """rfft2 of a stamp zero-padded for valid-mode convolution with k × k kernels (see `convolve_valid_fft`)."""
+    n = _valid_fft_length(image.shape[-1], k)
+    return jnp.fft.rfft2(image, (n, n))
+
+
+def convolve_valid_fft(image: Float[Array, "s s"], kernel: Float[Array, "k k"], image_spectrum=None):
+    """Valid-mode convolution of a small stamp (output side s − k + 1) via a zero-padded FFT.
+
+    `image_spectrum`: `stamp_spectrum(image, k)` when already known (the residual tests reuse it).
+    """
     s = image.shape[-1]
     k = kernel.shape[-1]
-    n = s + k - 1
-    fi = jnp.fft.rfft2(image, (n, n))
+    n = _valid_fft_length(s, k)
+    fi = stamp_spectrum(image, k) if image_spectrum is None else image_spectrum
     fk = jnp.fft.rfft2(kernel, (n, n))
     full = jnp.fft.irfft2(fi * fk, (n, n))
     return full[k - 1 : s, k - 1 : s]
 
 
-def residual_stats(design, target, var_target, var_stamp, good, alpha, basis):
+def residual_stats(design, target, var_target, var_stamp, good, alpha, basis, var_spectrum=None):
     """Mean and sample std of the variance-normalised residual of one stamp (ALGORITHM §7).
 
     Arguments:
@@ -81,6 +101,7 @@ def residual_stats(design, target, var_target, var_stamp, good, alpha, basis):
         good: (c, c) pixels counted.
         alpha: (n + 1,) kernel coefficients then background.
         basis: (n, k, k) basis images.
+        var_spectrum: optional `stamp_spectrum(var_stamp, k)`, computed once by callers that test repeatedly.
 
     Returns:
         (mean, std) of r = D/√var_D over good pixels; NaN when undefined.
@@ -88,7 +109,7 @@ def residual_stats(design, target, var_target, var_stamp, good, alpha, basis):
     n = basis.shape[0]
     model = jnp.tensordot(alpha[:n], design, axes=1) + alpha[n]
     kern = jnp.tensordot(alpha[:n], basis, axes=1)
-    var_d = var_target + convolve_valid_fft(var_stamp, kern**2)
+    var_d = var_target + convolve_valid_fft(var_stamp, kern**2, var_spectrum)
     ok = good & (var_d > 0) & jnp.isfinite(var_d)
     r = jnp.where(ok, (target - model) / jnp.sqrt(jnp.where(ok, var_d, 1.0)), 0.0)
     cnt = jnp.sum(ok)
