@@ -46,6 +46,22 @@ def _centred_spectrum(kernel: Kernel, shape: tuple[int, int]):
     return ey @ (kernel.astype(dtype) @ ex.T)
 
 
+def _power_spectrum(kernel: Kernel, shape: tuple[int, int], block: int = 256):
+    """|rfft2|² of a centred kernel on the grid `shape`, evaluated in blocks of rows (`lax.map`): only the
+    real result is ever grid-sized (a grid-sized complex spectrum is twice as large)."""
+    ky, kx = kernel.shape
+    ny, nx = shape
+    dtype = jnp.result_type(kernel.dtype, jnp.float32)
+    ey = _dft_matrix(ny, ky, dtype, full=True)  # (ny, ky)
+    a = kernel.astype(dtype) @ _dft_matrix(nx, kx, dtype, full=False).T  # (ky, nx//2 + 1)
+
+    def rows(e):
+        z = e @ a
+        return jnp.real(z) ** 2 + jnp.imag(z) ** 2
+
+    return lax.map(rows, ey, batch_size=min(block, ny))
+
+
 def _dft_matrix(n: int, k: int, dtype, full: bool):
     """exp(−2πi ν t / n) for frequencies ν (all n, or the rfft half) and centred taps t = −k//2 .. k//2."""
     nu = np.arange(n if full else n // 2 + 1)
@@ -92,18 +108,17 @@ def _filter_and_weights(kernel, v_u, v_c, shape, preconv_kernel):
     kernel = kernel.astype(dtype)
     v_u = jnp.asarray(v_u, dtype)
     v_c = jnp.asarray(v_c, dtype)
-    k_hat = _centred_spectrum(kernel, shape)
-    k2 = jnp.real(k_hat) ** 2 + jnp.imag(k_hat) ** 2
+    k2 = _power_spectrum(kernel, shape)
     target = v_u + v_c * jnp.sum(kernel) ** 2
     w = _half_plane_weights(shape, dtype)
     if preconv_kernel is None:
         c_hat = jnp.sqrt(target / (v_u + v_c * k2)).at[0, 0].set(1.0)
         n2 = c_hat**2
     else:
-        p_hat = _centred_spectrum(preconv_kernel.astype(dtype), shape)
-        p2 = jnp.maximum(jnp.real(p_hat) ** 2 + jnp.imag(p_hat) ** 2, 1000 * jnp.finfo(dtype).tiny)
+        p2_raw = _power_spectrum(preconv_kernel.astype(dtype), shape)
+        p2 = jnp.maximum(p2_raw, 1000 * jnp.finfo(dtype).tiny)
         c_hat = (target / (v_u + v_c * k2 / p2)).at[0, 0].set(1.0)
-        n2 = (jnp.real(p_hat) ** 2 + jnp.imag(p_hat) ** 2) * c_hat**2
+        n2 = p2_raw * c_hat**2
     w1 = jnp.sum(w * n2)
     w2 = jnp.sum(w * k2 * c_hat**2)
     return c_hat, w1, w2
@@ -147,7 +162,8 @@ def _real_filter(c_hat, shape, size: int) -> Kernel:
     ey = jnp.conj(_dft_matrix(ny, size, c_hat.dtype, full=True)).T  # (size, ny): exp(+2πi ν y / ny)
     ex = jnp.conj(_dft_matrix(nx, size, c_hat.dtype, full=False))  # (nx//2 + 1, size)
     w = _half_plane_weights(shape, c_hat.dtype) * (ny * nx)  # 1 or 2: each rfft column's multiplicity
-    partial = ey @ c_hat.astype(ey.dtype)  # (size, nx//2 + 1)
+    # Ĉ is real: two real products, no grid-sized complex copy of it
+    partial = jax.lax.complex(jnp.real(ey) @ c_hat, jnp.imag(ey) @ c_hat)  # (size, nx//2 + 1)
     return jnp.real((partial * w[None, :]) @ ex) / (ny * nx)
 
 
