@@ -57,7 +57,8 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
 
     Arguments:
         data: the stamp slots.
-        basis: (n, k, k) basis images; factors: (fx, fy, mix[, x_groups]) separable form of the same basis (see `stamp_designs`).
+        basis: (n, k, k) basis images.
+        factors: (fx, fy, mix[, x_groups]), the separable form of the same basis (see `stamp_designs`).
         solver: `LeastSquares` or `OptaxSolver` for the global system.
         cfg: `SubtractConfig` (static numbers: cell size, stars per cell, thresholds, iterations).
         reg: optional (n + 1, n + 1) penalty added to every per-stamp normal matrix (delta-function

@@ -475,7 +475,6 @@ def _stage_convolve(st: dict, config: SubtractConfig, plan: Plan) -> dict:
     cfg = config
     k, h, ny, nx, out_planes = _frame(template, science, cfg, plan)
     edge_bit = plane_bit(out_planes, "EDGE")
-    crop = (slice(h, h + ny), slice(h, h + nx))
     var_s = st["var_s"]
     mask_s = st["mask_s"]
     t_img = st["t_img"]
@@ -512,8 +511,8 @@ def _stage_convolve(st: dict, config: SubtractConfig, plan: Plan) -> dict:
         edge_bit=edge_bit,
         preserve_bits=preserve,
         offset=x_med.astype(img_dtype),
+        interior=h,
     )
-    conv_img, conv_var, conv_mask = conv_img[crop], conv_var[crop], conv_mask[crop]
 
     # --- difference (§10) ---
     background = BackgroundModel(bg_coeffs, box, Q_order, cfg.spatial_model_type)

@@ -221,6 +221,7 @@ def convolve_spatial(
     preserve_bits: int = 0,
     offset: Float[Array, ""] | float = 0.0,
     degree: int | None = None,
+    interior: int = 0,
 ) -> tuple[Image, Image, MaskImage]:
     """Apply a spatially varying kernel K(x, y) = Σ_p f_p(x, y) K′_p to image, variance and mask (ALGORITHM §9).
 
@@ -238,11 +239,13 @@ def convolve_spatial(
         degree: total polynomial degree (static) of the weights f_p in the pixel coordinates; default the
             spatial order whose term count is P (0, 1, 2 for P = 1, 3, 6). The weights must be such
             polynomials (as `spatial.separable_terms` are): they are carried through the transforms exactly.
+        interior: return only pixels at least this far from the border (static; e.g. h for a cut-out grown
+            by h around the box wanted), so no full-sized result is formed and then cropped; default 0.
 
     Returns:
-        (image, variance, mask), each with the input's shape and dtype. Outputs whose box held a non-finite
-        image (variance) value are NaN in the image (variance); outputs whose box touches an invalid pixel or
-        leaves the array take the unconvolved input pixel with EDGE added.
+        (image, variance, mask), each with the input's dtype and shape (less 2·interior per axis). Outputs
+        whose box held a non-finite image (variance) value are NaN in the image (variance); outputs whose box
+        touches an invalid pixel or leaves the array take the unconvolved input pixel with EDGE added.
     """
     h = _check_kernel(kernels.shape)
     plan = _plan(image.shape, h)
@@ -268,15 +271,15 @@ def convolve_spatial(
     wx = jnp.asarray(pair_weight, wdt)[:, None] * tx[j] * tx[jp]
     vout = _spatial_apply(flat_var, kernels[j] * kernels[jp], wy, wx, 2 * degree, plan)
 
-    out = jnp.where(_box_any(~image_ok, h, False), jnp.nan, out)
-    vout = jnp.where(_box_any(~var_ok, h, False), jnp.nan, vout)
-
     keep = jnp.asarray(preserve_bits, mask.dtype)
-    mout = (dilate(mask, h) & ~keep) | (mask & keep)
-
     invalid = jnp.zeros(image.shape, bool) if valid is None else ~valid
-    edge = _box_any(invalid, h, True)
-    out = jnp.where(edge, image, out)
-    vout = jnp.where(edge, variance, vout)
-    mout = jnp.where(edge, mask | jnp.asarray(1 << edge_bit, mask.dtype), mout)
+    c = (slice(interior, image.shape[0] - interior), slice(interior, image.shape[1] - interior))
+    # everything below is elementwise on the kept interior: the crop fuses into it, nothing full-sized is copied
+    out = jnp.where(_box_any(~image_ok, h, False)[c], jnp.nan, out[c])
+    vout = jnp.where(_box_any(~var_ok, h, False)[c], jnp.nan, vout[c])
+    mout = (dilate(mask, h)[c] & ~keep) | (mask[c] & keep)
+    edge = _box_any(invalid, h, True)[c]
+    out = jnp.where(edge, image[c], out)
+    vout = jnp.where(edge, variance[c], vout)
+    mout = jnp.where(edge, mask[c] | jnp.asarray(1 << edge_bit, mask.dtype), mout)
     return out, vout, mout
