@@ -175,3 +175,13 @@ def test_next_fast_len_is_even_and_smooth():
             while m % p == 0:
                 m //= p
         assert m == 1
+
+
+def test_interior_is_the_crop_of_the_full_result(rng):
+    image, variance, mask, valid, kernels, tx, ty = _case(rng, 1)
+    args = [jnp.asarray(a) for a in (image, variance, mask, kernels, tx, ty)]
+    full = convolve_spatial(*args, valid=jnp.asarray(valid), edge_bit=EDGE, preserve_bits=PRESERVE)
+    inner = convolve_spatial(*args, valid=jnp.asarray(valid), edge_bit=EDGE, preserve_bits=PRESERVE, interior=3)
+    for a, b in zip(inner, full, strict=True):
+        assert a.shape == (image.shape[0] - 6, image.shape[1] - 6)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[3:-3, 3:-3])
