@@ -209,6 +209,7 @@ def variance_factor(
     bin_size: int = 32,
     max_samples: int | None = 2**20,
     max_pixels: int = 2**18,
+    always_level: bool = True,
 ) -> tuple[Scalar, Scalar, Scalar, Array]:
     """Factor by which to scale a variance plane so that it matches the pixel noise (ALGORITHM §4.1).
 
@@ -225,6 +226,9 @@ def variance_factor(
         max_pixels: static cap on the pixels examined at all: larger images are read on a regular grid of every
             s-th row and column (s = ⌈√(n_pixels / max_pixels)⌉) with bins of bin_size samples (bin_size·s
             pixels), so the estimate costs the same at 4096² as at 512² (ALGORITHM §4.1 allows a subsample).
+        always_level: compute the level estimate even when the ratio estimate is used (default); False
+            computes it under `lax.cond` only when the ratio estimate exceeds 10 (it is NaN otherwise), which
+            saves two of the three sorts (static).
 
     Returns:
         (factor, ratio_estimate, level_estimate, n_good): the factor to apply, both estimates (NaN with fewer
@@ -242,10 +246,18 @@ def variance_factor(
     safe_var = jnp.where(good, variance, 1.0)
     q = jnp.array([0.25, 0.75])
     r25, r75 = quantile_masked(resid / jnp.sqrt(safe_var), good, q, max_samples)
-    i25, i75 = quantile_masked(resid, good, q, max_samples)
-    med_var = quantile_masked(safe_var, good, 0.5, max_samples)
     ratio_estimate = (0.74 * (r75 - r25)) ** 2
-    level_estimate = (0.74 * (i75 - i25)) ** 2 / jnp.where(med_var > 0, med_var, 1.0)
+
+    def level(_):
+        i25, i75 = quantile_masked(resid, good, q, max_samples)
+        med_var = quantile_masked(safe_var, good, 0.5, max_samples)
+        return (0.74 * (i75 - i25)) ** 2 / jnp.where(med_var > 0, med_var, 1.0)
+
+    if always_level:
+        level_estimate = level(None)
+    else:
+        nan = jnp.full((), jnp.nan, ratio_estimate.dtype)
+        level_estimate = lax.cond(ratio_estimate > 10, level, lambda _: nan, None)
     enough = n_good >= 2
     ratio_estimate = jnp.where(enough, ratio_estimate, jnp.nan)
     level_estimate = jnp.where(enough, level_estimate, jnp.nan)

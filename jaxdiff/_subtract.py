@@ -264,7 +264,7 @@ def _stage_prepare(template: Exposure, science: Exposure, config: SubtractConfig
             return e.variance, jnp.ones((), sdt), jnp.zeros((), bool)
         bad = bitmask(e.mask_planes, _RESCALE_EXCLUDE)
         good = (e.mask & bad) == 0
-        f, r_est, l_est, _ = variance_factor(e.image, e.variance, good)
+        f, r_est, l_est, _ = variance_factor(e.image, e.variance, good, always_level=False)
         fail = (r_est > 10) & (l_est > 10)
         return e.variance * f.astype(e.variance.dtype), f.astype(sdt), fail
 

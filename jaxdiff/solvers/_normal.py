@@ -87,9 +87,9 @@ def convolve_valid_fft(image: Float[Array, "s s"], kernel: Float[Array, "k k"], 
     k = kernel.shape[-1]
     n = _valid_fft_length(s, k)
     fi = stamp_spectrum(image, k) if image_spectrum is None else image_spectrum
-    fk = jnp.fft.rfft2(kernel, (n, n))
+    fk = jnp.fft.rfft2(kernel.astype(jnp.real(fi).dtype), (n, n))  # in the spectrum's precision
     full = jnp.fft.irfft2(fi * fk, (n, n))
-    return full[k - 1 : s, k - 1 : s]
+    return full[k - 1 : s, k - 1 : s].astype(jnp.result_type(image.dtype, kernel.dtype))
 
 
 def residual_stats(design, target, var_target, var_stamp, good, alpha, basis, var_spectrum=None):
