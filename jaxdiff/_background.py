@@ -36,4 +36,7 @@ class BackgroundModel(eqx.Module):
         tx, ty = spatial.separable_terms(self.box, shape, jnp.asarray(xy0), self.order, self.model)
         dtype = self.coefficients.dtype if dtype is None else dtype
         ty = (ty.astype(self.coefficients.dtype) * self.coefficients[:, None]).astype(dtype)
-        return jnp.einsum("my,mx->yx", ty, tx.astype(dtype))
+        tx = tx.astype(dtype)
+        # a sum of outer products written elementwise: it fuses into its consumer instead of being a matrix
+        # product materialised early (an image-sized buffer through the whole subtraction)
+        return sum(ty[m][:, None] * tx[m][None, :] for m in range(ty.shape[0]))

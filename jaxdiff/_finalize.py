@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from . import decorrelate as _decorrelate
 from ._exposure import Exposure
@@ -60,6 +61,9 @@ def decorrelate_arrays(
     k0 = kernel.coefficients[0, 0]
     kept = jnp.isfinite(diff_img) if excluded is None else jnp.isfinite(diff_img) & ~excluded
     diff_in = jnp.where(kept, diff_img, jnp.nan)
+    # The filter needs only the kernel, so XLA would build its grid-sized arrays as soon as the fit ends and
+    # hold them through the convolution: tie the kernel to the difference (peak memory, not results).
+    kernel, diff_in = lax.optimization_barrier((kernel, diff_in))
     if spatially_varying:
         ny, nx = diff_img.shape
         ry = np.linspace(0, ny, _GRID + 1).round().astype(int)

@@ -2,10 +2,13 @@
 
 Convolution: (K ∗ I)(x, y) = Σ_{u,v} K(u, v) I(x − u, y − v) with kernel element [h + v, h + u] = offset
 (u, v), so a one-hot kernel at (u, v) = (1, 0) gives out(x, y) = in(x − 1, y). Transforms are real FFTs of
-overlap-save tiles (ALGORITHM §16): each image is transformed once, tile by tile, and multiplied by the tile-sized
-transforms of all kernels, so kernel transforms stay small and there is no wrap-around in the kept outputs.
-A spatially varying kernel K(x, y) = Σ_p f_p(x, y) K′_p is applied exactly as Σ_p f_p (K′_p ∗ I), its variance
-as Σ_{j≤j′} (2 − δ_jj′) f_j f_j′ ((K′_j ⊙ K′_j′) ∗ V).
+overlap-save tiles (ALGORITHM §16), so kernel transforms stay tile-sized and there is no wrap-around in the kept
+outputs. A spatially varying kernel K(x, y) = Σ_p f_p(x, y) K′_p is applied exactly as Σ_p f_p (K′_p ∗ I), its
+variance as Σ_{j≤j′} (2 − δ_jj′) f_j f_j′ ((K′_j ⊙ K′_j′) ∗ V). Because the f_p are polynomials, the weights are
+moved onto the input (`_spatial_apply`): Σ_{m+n≤d} G_mn ∗ (ξ^m η^n I) with small combined kernels G_mn, which is
+d-dependent forward transforms of weighted inputs and one inverse transform (4 + 7 at spatial order 1, the
+same count as one forward and P inverse transforms, but inverse real FFTs cost 1.8× forward ones here and the
+weighted sum of P convolved planes disappears).
 """
 
 import math
@@ -261,7 +264,6 @@ def convolve_spatial(
     flat = jnp.where(image_ok, image - offset, 0.0).astype(dtype)
     out = _spatial_apply(flat, kernels, ty, tx, degree, plan)
     ksum = jnp.sum(kernels, axis=(1, 2)).astype(dtype)
-    out = out + offset * ((ty.astype(dtype).T * ksum) @ tx.astype(dtype))
 
     j, jp = np.triu_indices(p)
     pair_weight = np.where(j == jp, 1.0, 2.0)
@@ -275,7 +277,11 @@ def convolve_spatial(
     invalid = jnp.zeros(image.shape, bool) if valid is None else ~valid
     c = (slice(interior, image.shape[0] - interior), slice(interior, image.shape[1] - interior))
     # everything below is elementwise on the kept interior: the crop fuses into it, nothing full-sized is copied
-    out = jnp.where(_box_any(~image_ok, h, False)[c], jnp.nan, out[c])
+    # the offset comes back times the local kernel sum, written elementwise so that it fuses (no image-sized
+    # matrix product held from before the transforms)
+    tyc, txc = ty[:, c[0]].astype(dtype), tx[:, c[1]].astype(dtype)
+    level = sum((tyc[q] * ksum[q])[:, None] * txc[q][None, :] for q in range(p))
+    out = jnp.where(_box_any(~image_ok, h, False)[c], jnp.nan, out[c] + offset * level)
     vout = jnp.where(_box_any(~var_ok, h, False)[c], jnp.nan, vout[c])
     mout = (dilate(mask, h)[c] & ~keep) | (mask[c] & keep)
     edge = _box_any(invalid, h, True)[c]
