@@ -618,8 +618,8 @@ def _stage_decorrelate(st: dict, config: SubtractConfig, plan: Plan) -> Subtract
         )
     else:
         d_img, d_var = diff_img, diff_var
-        v_u = clipped_mean_std(v_u_plane, good_u, max_samples=2**18)[0]
-        v_c = clipped_mean_std(v_c_plane, good_c, max_samples=2**18)[0]
+        v_u = clipped_mean_std(v_u_plane, good_u, max_samples=2**16)[0]
+        v_c = clipped_mean_std(v_c_plane, good_c, max_samples=2**16)[0]
     svar, tvar = (v_u, v_c) if plan.mode == "convolveTemplate" else (v_c, v_u)
     difference = Exposure(
         d_img.astype(img_dtype),
