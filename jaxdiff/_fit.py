@@ -10,7 +10,6 @@ from ._stats import clipped_mean_std
 from ._types import Array, Float
 from .solvers import symmetric_solve
 from .solvers._normal import (
-    batched,
     global_normal,
     multipliers,
     residual_stats,
@@ -84,16 +83,11 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
     vx_spec = jax.vmap(lambda v: stamp_spectrum(v.astype(jnp.float32), k))(data.vx_stamp)
 
     def test(alpha):
-        return batched(
-            lambda Cs, yc, vyc, vxs, vsp, g, a: residual_stats(Cs, yc, vyc, vxs, g, a, basis, vsp),
-            C,
-            data.y_core,
-            data.vy_core,
-            data.vx_stamp,
-            vx_spec,
-            data.good_core,
-            alpha,
-        )
+        # all stamps in one vmap: the designs C already hold every stamp, and one wide batch keeps both cores
+        # busy (chunks of 64 under lax.map ran one after the other)
+        return jax.vmap(
+            lambda Cs, yc, vyc, vxs, vsp, g, a: residual_stats(Cs, yc, vyc, vxs, g, a, basis, vsp)
+        )(C, data.y_core, data.vy_core, data.vx_stamp, vx_spec, data.good_core, alpha)
 
     def passes(stats):
         mean, std = stats

@@ -2,7 +2,6 @@
 
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from .._types import Array, Float
 
@@ -166,8 +165,3 @@ def stamp_alphas(theta, U, rows, cols):
     n1, L = U.shape[1], U.shape[2]
     padded = jnp.zeros((n1, L), theta.dtype).at[rows, cols].set(theta)
     return jnp.einsum("sia,ia->si", U, padded)
-
-
-def batched(f, *args, batch_size: int = 64):
-    """`lax.map` over the leading axis in chunks (bounded memory), vmapping inside a chunk."""
-    return lax.map(lambda a: f(*a), args, batch_size=batch_size)
