@@ -31,7 +31,7 @@ from ._psf import Psf
 from ._result import SubtractResult
 from ._sources import Sources
 from ._stats import clipped_mean_std, quantile_masked, standard_good, usable, variance_factor
-from ._threads import run_blocking, single_threaded_blas
+from ._threads import run_blocking
 from ._types import solve_dtype
 
 _RESCALE_EXCLUDE = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP")
@@ -197,16 +197,15 @@ def subtract_staged(template: Exposure, science: Exposure, sources: Sources, con
 
     def timed(name, fn, *args):
         t0 = clock()
-        out = jax.block_until_ready(fn(*args, config, plan))
+        out = run_blocking(fn, *args, config, plan)  # compiles ahead and trims on a first call, then blocks
         timings[name] = clock() - t0
         return out
 
-    with single_threaded_blas():
-        st = timed("prepare", _jit_prepare, t_in, s_in)
-        st = timed("select", _jit_select, st, sources)
-        st = timed("fit", _jit_fit, st)
-        st = timed("convolve", _jit_convolve, st)
-        result = timed("decorrelate", _jit_decorrelate, st)
+    st = timed("prepare", _jit_prepare, t_in, s_in)
+    st = {**st, **timed("select", _jit_select, st, sources)}
+    st = {**st, **timed("fit", _jit_fit, st)}
+    st = {**st, **timed("convolve", _jit_convolve, st)}
+    result = timed("decorrelate", _jit_decorrelate, st)
     result = dataclasses.replace(
         result,
         difference=_with_wcs(result.difference, science.wcs),
@@ -665,10 +664,21 @@ def _stage_decorrelate(st: dict, config: SubtractConfig, plan: Plan) -> Subtract
     return SubtractResult(difference, matched, bg_model, kernel, metadata)
 
 
+def _new_entries(stage):
+    """The stage returning only the state entries it adds or replaces: an entry passed through a jitted call
+    is copied (at 4096² the prepared state is 1.3 GB and passing it through took 0.32 s per stage)."""
+
+    def run(st, *args):
+        out = stage(st, *args)
+        return {key: value for key, value in out.items() if key not in st or value is not st[key]}
+
+    return run
+
+
 _jit_prepare = eqx.filter_jit(_stage_prepare)
-_jit_select = eqx.filter_jit(_stage_select)
-_jit_fit = eqx.filter_jit(_stage_fit)
-_jit_convolve = eqx.filter_jit(_stage_convolve)
+_jit_select = eqx.filter_jit(_new_entries(_stage_select))
+_jit_fit = eqx.filter_jit(_new_entries(_stage_fit))
+_jit_convolve = eqx.filter_jit(_new_entries(_stage_convolve))
 _jit_decorrelate = eqx.filter_jit(_stage_decorrelate)
 
 
