@@ -250,9 +250,7 @@ def quality(
     a, b = _common_size(psf, centre)
     fluxes = np.array(
         [
-            psf_fit_flux(
-                image, var, usable, np.asarray(truth.psf_science.image(x + xy0[0], y + xy0[1])), x, y, (a, b)
-            )
+            psf_fit_flux(image, var, usable, np.asarray(truth.psf_science.image(x + xy0[0], y + xy0[1])), x, y, (a, b))
             for x, y in zip(tx, ty, strict=True)
         ]
     )

@@ -85,9 +85,9 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
     def test(alpha):
         # all stamps in one vmap: the designs C already hold every stamp, and one wide batch keeps both cores
         # busy (chunks of 64 under lax.map ran one after the other)
-        return jax.vmap(
-            lambda Cs, yc, vyc, vxs, vsp, g, a: residual_stats(Cs, yc, vyc, vxs, g, a, basis, vsp)
-        )(C, data.y_core, data.vy_core, data.vx_stamp, vx_spec, data.good_core, alpha)
+        return jax.vmap(lambda Cs, yc, vyc, vxs, vsp, g, a: residual_stats(Cs, yc, vyc, vxs, g, a, basis, vsp))(
+            C, data.y_core, data.vy_core, data.vx_stamp, vx_spec, data.good_core, alpha
+        )
 
     def passes(stats):
         mean, std = stats
