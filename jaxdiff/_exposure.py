@@ -3,17 +3,12 @@
 from typing import Any
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ._mask import PlaneTable, as_plane_table
 from ._psf import Psf, as_psf
-from ._types import Array, Float, Image, Int, MaskImage
-
-
-def _concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+from ._types import Array, Float, Image, Int, MaskImage, is_concrete
 
 
 def _native(x):
@@ -67,13 +62,13 @@ class Exposure(eqx.Module):
         else:
             mask = jnp.asarray(_native(mask))
             if not jnp.issubdtype(mask.dtype, jnp.integer):
-                if _concrete(mask) and not np.array_equal(np.asarray(mask), np.round(np.asarray(mask))):
+                if is_concrete(mask) and not np.array_equal(np.asarray(mask), np.round(np.asarray(mask))):
                     raise ValueError(f"mask must hold integer bits, got dtype {mask.dtype} with fractions")
                 mask = mask.astype(jnp.int32)
             mask = mask.astype(jnp.int32)
             if mask.shape != image.shape:
                 raise ValueError(f"mask shape {tuple(mask.shape)} does not match image shape {tuple(image.shape)}")
-        if _concrete(variance):
+        if is_concrete(variance):
             v = np.asarray(variance)
             finite = np.isfinite(np.asarray(image))
             bad = finite & ~(np.isfinite(v) & (v >= 0))
@@ -87,7 +82,7 @@ class Exposure(eqx.Module):
         if xy0.shape[-1:] != (2,):
             raise ValueError(f"xy0 must be (x0, y0), got shape {tuple(xy0.shape)}")
         if not jnp.issubdtype(xy0.dtype, jnp.integer):
-            if _concrete(xy0) and not np.array_equal(np.asarray(xy0), np.round(np.asarray(xy0))):
+            if is_concrete(xy0) and not np.array_equal(np.asarray(xy0), np.round(np.asarray(xy0))):
                 raise ValueError(f"xy0 must be integer pixel offsets, got {np.asarray(xy0)!r}")
             xy0 = xy0.astype(jnp.int32)
         self.image = image

@@ -4,18 +4,13 @@ import abc
 import math
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._types import Array, Float, Kernel, Scalar
+from ._types import Array, Float, Kernel, Scalar, is_concrete
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def gaussian_image(sigma_x, sigma_y, size: int, dx=0.0, dy=0.0, dtype=None) -> Kernel:
@@ -108,7 +103,7 @@ def _check_kernel_image(arr, what: str) -> None:
     ny, nx = arr.shape[-2:]
     if ny != nx or ny % 2 == 0:
         raise ValueError(f"{what} must be square and odd-sized (centred), got shape {tuple(arr.shape)}")
-    if arr.ndim == 2 and _is_concrete(arr):
+    if arr.ndim == 2 and is_concrete(arr):
         a = np.asarray(arr, dtype=np.float64)
         if not np.all(np.isfinite(a)):
             raise ValueError(f"{what} of shape {a.shape} has non-finite values")
@@ -156,13 +151,13 @@ class GaussianPsf(Psf):
         if not jnp.issubdtype(width.dtype, jnp.floating):
             width = width.astype(jnp.float32)
         if size is None:
-            if not _is_concrete(width):
+            if not is_concrete(width):
                 raise ValueError("GaussianPsf needs an explicit size when sigma is traced")
             size = 2 * int(math.ceil(4 * float(np.max(np.asarray(width))))) + 1
         size = int(size)
         if size % 2 == 0 or size < 3:
             raise ValueError(f"GaussianPsf size must be odd and >= 3, got {size}")
-        if _is_concrete(width) and width.ndim == 0 and not float(width) > 0:
+        if is_concrete(width) and width.ndim == 0 and not float(width) > 0:
             raise ValueError(f"GaussianPsf sigma must be positive, got {float(width)}")
         self.width = width
         self._size = size

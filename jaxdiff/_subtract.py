@@ -32,7 +32,7 @@ from ._result import SubtractResult
 from ._sources import Sources
 from ._stats import clipped_mean_std, quantile_masked, standard_good, usable, variance_factor
 from ._threads import run_blocking
-from ._types import solve_dtype
+from ._types import is_concrete, solve_dtype
 
 _RESCALE_EXCLUDE = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP")
 # |pixel| at or above this is a fill sentinel (SExtractor/IRAF use ±1e30), not data: treated like NaN, since a
@@ -52,10 +52,6 @@ class Plan:
     basis_sigmas: tuple[float, ...] = ()  # Alard–Lupton widths from the concrete PSF widths (metadata only)
 
 
-def _concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 @eqx.filter_jit
 def _sigma_xy(psf: Psf):
     # compiled once per PSF type and size: eager adaptive moments dispatch ~40 iterations op by op (85 ms)
@@ -67,7 +63,7 @@ def psf_widths(psf: Psf | None):
     if psf is None:
         return None
     leaves = jax.tree.leaves(psf)
-    if not all(_concrete(v) for v in leaves):
+    if not is_concrete(leaves):
         return None
     sx, sy = jax.device_get(_sigma_xy(psf))
     if not (np.isfinite(sx) and np.isfinite(sy)):
@@ -120,7 +116,7 @@ def make_plan(template: Exposure, science: Exposure, sources: Sources, config: S
     n_src = len(sources)
     n_slots = n_src if config.max_kernel_sources < 0 else min(config.max_kernel_sources, n_src)
     rank_by_snr = True
-    if all(_concrete(v) for v in (sources.flux, sources.valid)):
+    if is_concrete((sources.flux, sources.valid)):
         flux, valid = np.asarray(sources.flux), np.asarray(sources.valid)
         rank_by_snr = not bool(np.all(np.isfinite(flux[valid])))
     return Plan(

@@ -29,3 +29,8 @@ def float_dtype(x=None):
     if x is not None and jnp.issubdtype(jnp.result_type(x), jnp.floating):
         return jnp.result_type(x)
     return jnp.float32
+
+
+def is_concrete(tree) -> bool:
+    """True when no leaf of `tree` is a tracer (the values are known now, outside jit/vmap/grad tracing)."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))

@@ -117,8 +117,7 @@ def _shifted_factors(coef: Float[Array, "q d"], h: int, scale: float) -> Float[A
     binom = np.array([[math.comb(i, m) for i in range(d + 1)] for m in range(d + 1)], float)  # [m, i]
     expo = np.maximum(np.arange(d + 1)[None, :] - np.arange(d + 1)[:, None], 0)  # [m, i] = i − m
     upow = u[None, None, :] ** jnp.asarray(expo)[:, :, None]  # [m, i, u]
-    mats = jnp.asarray(binom * (np.arange(d + 1)[None, :] >= np.arange(d + 1)[:, None]), coef.dtype)
-    return jnp.einsum("qi,mi,miu->qmu", coef, mats, upow)
+    return jnp.einsum("qi,mi,miu->qmu", coef, jnp.asarray(binom, coef.dtype), upow)
 
 
 def _plane_exponents(degree: int) -> tuple[tuple[int, int], ...]:
