@@ -143,7 +143,11 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
 
 
 STAGES = ("prepare", "select", "fit", "difference")
-_core = eqx.filter_jit(core)
+
+
+@eqx.filter_jit
+def _core(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan):
+    return core(template, science, sources, config, plan)
 
 
 class Planes(NamedTuple):

@@ -331,3 +331,58 @@ def test_delta_function_self_match():
     # measured max |S − K∗T − 11.3| = 3.8e-5 inside the k-px border, stars peak at 508
     d = np.asarray(r.difference.image)[11:-11, 11:-11]
     assert np.max(np.abs(d - 11.3)) < 1e-4 * np.max(np.abs(science.image))
+
+
+@pytest.mark.slow
+def test_jit_grad_and_disable_jit_of_a_loss_through_subtract():
+    """A loss that calls `jd.subtract` with a traced template image and a traced science PSF width (plan passed
+    in): `jax.jit`, `jax.grad`, `jax.jit(jax.grad)` and `jax.disable_jit()` all agree with the plain call."""
+    pair = jd.sim.simulate_pair((96, 96), seed=4, n_stars=40, dtype=np.float64)
+    cfg = jd.SubtractConfig(kernel_size_buckets=(21,))
+    science0 = eqx.tree_at(lambda e: e.psf, pair.science, jd.GaussianPsf(2.4, 41))
+    plan = jd.make_plan(pair.template, science0, pair.sources, cfg)
+
+    def loss(image, width):
+        template = eqx.tree_at(lambda e: e.image, pair.template, image)
+        science = eqx.tree_at(lambda e: e.psf, pair.science, jd.GaussianPsf(width, 41))
+        return jnp.sum(jd.subtract(template, science, pair.sources, cfg, plan).difference.image ** 2)
+
+    args = (pair.template.image, jnp.asarray(2.4))
+    plain = loss(*args)
+    assert np.isfinite(float(plain))
+    np.testing.assert_allclose(jax.jit(loss)(*args), plain, rtol=1e-10)
+    grad = jax.grad(loss, argnums=(0, 1))
+    g_plain = grad(*args)
+    g_jit = jax.jit(grad)(*args)
+    assert float(jnp.abs(g_plain[1])) > 0
+    for a, b in zip(g_jit, g_plain, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9 * float(jnp.max(jnp.abs(b))))
+    with jax.disable_jit():
+        np.testing.assert_allclose(loss(*args), plain, rtol=1e-8)
+
+
+@pytest.mark.slow
+def test_vmap_over_pairs_with_different_psfs_equals_separate_calls():
+    """Stacked pairs with different PSF widths, source counts and — under mode="auto" — different modes give
+    what separate `jd.subtract` calls give."""
+    cfg = jd.SubtractConfig(mode="auto", kernel_size_buckets=(27,))
+    specs = [(2.0, 2.5, 50), (2.6, 1.9, 80), (1.7, 2.2, 35)]
+    pairs = [
+        jd.sim.simulate_pair((128, 128), seed=20 + i, n_stars=n, template_sigma=st, science_sigma=ss, psf_size=21, dtype=np.float64)
+        for i, (st, ss, n) in enumerate(specs)
+    ]
+    separate = [jd.subtract(p.template, p.science, p.sources, cfg) for p in pairs]
+    modes = [bool(r.metadata["convolves_template"]) for r in separate]
+    assert modes == [True, False, True]
+    n = max(len(p.sources) for p in pairs)
+    stack = lambda *trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    batched = jd.batch.subtract_batch(
+        stack(*[p.template for p in pairs]),
+        stack(*[p.science for p in pairs]),
+        stack(*[p.sources.padded(n) for p in pairs]),
+        cfg,
+    )
+    for i, one in enumerate(separate):
+        got = jax.tree.map(lambda a, i=i: a[i], batched)
+        assert bool(got.metadata["convolves_template"]) == modes[i]
+        _assert_results_equal(got, one)
