@@ -94,7 +94,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             compiled = _batched_core.lower(*batch, config, plan).compile()
             compile_s = time.perf_counter() - t0
-            mem = compiled.memory_analysis()
+            mem = compiled.compiled.memory_analysis()  # the jax.stages.Compiled inside equinox's wrapper
             device_bytes = None
             if mem is not None:
                 device_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes

@@ -196,18 +196,25 @@ def width_kwargs(config: SubtractConfig) -> dict:
 
 
 def psf_size_for(template: Exposure, science: Exposure, config: SubtractConfig) -> int | None:
-    """The padded PSF side, or None where PSFs stay as given (no PSF, a `GridPsf`, or preconvolution, whose
-    inner box follows the PSF size)."""
+    """The padded PSF side, or None where PSFs stay as given (a missing PSF, or preconvolution, whose inner box
+    follows the PSF size)."""
     psfs = (template.psf, science.psf)
-    if config.use_preconvolution or any(p is None or isinstance(p, GridPsf) for p in psfs):
+    if config.use_preconvolution or any(p is None for p in psfs):
         return None
     return bucket(max(p.size for p in psfs), PSF_SIZES)
 
 
 def canonical_psf(psf: Psf | None, size: int | None) -> Psf | None:
-    """An `ImagePsf` zero-padded to `size` (unchanged when `size` is None): the same program for every PSF."""
+    """The PSF zero-padded to side `size` (unchanged when `size` is None), so that every PSF of a size bucket
+    gives the same program: a `GridPsf` keeps its grid with padded node images, any other model becomes an
+    `ImagePsf` of its centre image."""
     if size is None or psf is None:
         return psf
+    if isinstance(psf, GridPsf):
+        pad = (size - psf.size) // 2
+        if pad == 0:
+            return psf
+        return GridPsf(jnp.pad(psf.images, ((0, 0), (0, 0), (pad, pad), (pad, pad))), psf.box)
     image = psf.image()
     pad = (size - image.shape[-1]) // 2
     if pad < 0:
@@ -249,7 +256,20 @@ def make_plan(
         wt, ws = jax.device_get(_batch_widths(t_psf, s_psf, batched))
         widths = (_checked_widths(wt, t_psf, "template"), _checked_widths(ws, s_psf, "science"))
     n = 0 if sources is None else int(np.shape(sources.x)[-1])
-    return plan_from(science.shape, n, config, widths, psf_size)
+    plan = plan_from(science.shape, n, config, widths, psf_size)
+    if science.image.ndim == 3 and sources is not None and is_concrete(sources.valid):
+        plan = with_slots_for(plan, int(np.max(np.sum(np.asarray(sources.valid), axis=-1), initial=0)))
+    return plan
+
+
+def with_slots_for(plan: Plan, n_valid: int) -> Plan:
+    """The plan with only as many stamp slots as `n_valid` sources need (rounded up to the chunk).
+
+    For batches: under `vmap` the fit cannot skip the chunks of padding slots as a single call does, so a
+    batch's plan sizes the slots by the largest number of valid sources of its pairs.
+    """
+    slots = max(1, -(-int(n_valid) // SLOT_CHUNK)) * SLOT_CHUNK
+    return dataclasses.replace(plan, n_slots=min(plan.n_slots, slots))
 
 
 def plan_from(shape, n_sources: int, config: SubtractConfig, widths, psf_size: int | None) -> Plan:

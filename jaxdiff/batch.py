@@ -22,7 +22,7 @@ from ._io import read_exposure, write_exposure
 from ._result import SubtractResult
 from ._sources import Sources
 from . import _runtime as runtime
-from ._plan import Plan, make_plan
+from ._plan import Plan, make_plan, with_slots_for
 from ._subtract import core, core_inputs, restore_wcs
 
 _AXIS = "pairs"
@@ -82,18 +82,20 @@ def subtract_batch(
 
 
 def plan_for_pairs(pairs: Sequence[tuple[Exposure, Exposure, Sources]], config: SubtractConfig) -> Plan:
-    """One plan that serves every pair: the largest kernel size, source capacity and PSF side any pair needs."""
+    """One plan that serves every pair: the largest kernel size, source capacity and PSF side any pair needs, and
+    stamp slots for the largest number of valid sources (see `jd.make_plan`)."""
     if len(pairs) == 0:
         raise ValueError("run_many needs at least one (template, science, sources) pair, got none")
     plans = [make_plan(t, s, src, config) for t, s, src in pairs]
     sizes = [p.psf_size for p in plans]
-    return dataclasses.replace(
+    plan = dataclasses.replace(
         plans[0],
         k=max(p.k for p in plans),
         n_slots=max(p.n_slots for p in plans),
         capacity=max(p.capacity for p in plans),
         psf_size=None if None in sizes else max(sizes),
     )
+    return with_slots_for(plan, max(src.n_valid for _, _, src in pairs))
 
 
 def _check_layout(prepared) -> None:
