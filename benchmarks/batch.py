@@ -129,7 +129,13 @@ def main(argv=None) -> int:
                 diff = one.difference
                 bad = (np.asarray(diff.mask) & bench._bad_bits(diff.mask_planes)) != 0
                 q = harness.quality(
-                    d, np.asarray(diff.variance), bad, np.asarray(diff.psf.image(), np.float64), truths[0], (0, 0), BORDER
+                    d,
+                    np.asarray(diff.variance),
+                    bad,
+                    np.asarray(diff.psf.image(), np.float64),
+                    truths[0],
+                    (0, 0),
+                    BORDER,
                 )
                 report["quality"].append({"size": size, "max_dev_vs_single_in_noise": dev, **q})
                 save()

@@ -79,9 +79,10 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
 
+    from jaxdiff._threads import single_threaded_blas
+
     import jaxdiff as jd
     from jaxdiff._subtract import _strip_wcs, core, make_plan
-    from jaxdiff._threads import single_threaded_blas
 
     pair = bench._simulate(args.size, 1, bench.SIM["n_stars"], bench.SIM["n_transients"])
     config = jd.SubtractConfig(**bench.CONFIG)

@@ -98,8 +98,13 @@ def _worker(path: Path) -> dict:
         diff = result.difference
         bad = (np.asarray(diff.mask) & bench._bad_bits(diff.mask_planes)) != 0
         q = harness.quality(
-            np.asarray(diff.image), np.asarray(diff.variance), bad, np.asarray(diff.psf.image(), np.float64),
-            truth, tuple(int(v) for v in np.asarray(science.xy0)), BORDER,
+            np.asarray(diff.image),
+            np.asarray(diff.variance),
+            bad,
+            np.asarray(diff.psf.image(), np.float64),
+            truth,
+            tuple(int(v) for v in np.asarray(science.xy0)),
+            BORDER,
         )
         md = result.metadata
         rows.append(
@@ -118,7 +123,11 @@ def _worker(path: Path) -> dict:
             }
         )
         last = (template, science, sources if spec["sources"] else None)
-        print(f"[stream] {spec['size']}² pair {len(rows)}: {wall:.2f} s, {rows[-1]['compiles']} compiles", file=sys.stderr, flush=True)
+        print(
+            f"[stream] {spec['size']}² pair {len(rows)}: {wall:.2f} s, {rows[-1]['compiles']} compiles",
+            file=sys.stderr,
+            flush=True,
+        )
     warm = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -147,10 +156,22 @@ def _hotpants(stream: list) -> list[dict]:
             out = peer_codes.run_hotpants(inputs, Path(tmp), 1)
             wall = time.perf_counter() - t0
             q = harness.quality(
-                out.difference, out.variance, out.bad, np.asarray(science.psf.image(), np.float64),
-                truth, tuple(int(v) for v in np.asarray(science.xy0)), BORDER,
+                out.difference,
+                out.variance,
+                out.bad,
+                np.asarray(science.psf.image(), np.float64),
+                truth,
+                tuple(int(v) for v in np.asarray(science.xy0)),
+                BORDER,
             )
-            rows.append({"size": spec["size"], "wall_s": wall, "noise": q.get("noise_std"), "star": q.get("star_residual_ratio")})
+            rows.append(
+                {
+                    "size": spec["size"],
+                    "wall_s": wall,
+                    "noise": q.get("noise_std"),
+                    "star": q.get("star_residual_ratio"),
+                }
+            )
     return rows
 
 
@@ -220,7 +241,8 @@ def main(argv=None) -> int:
 
 
 def _table(report: dict) -> str:
-    lines = [f"{'size':>6} {'run':<15} {'s/pair':>7} {'warm s':>7} {'ratio':>6} {'compiles':>8} {'compile s':>9} {'HOTPANTS s':>10} {'× HP':>5}"]
+    head = f"{'size':>6} {'run':<15} {'s/pair':>7} {'warm s':>7} {'ratio':>6} {'compiles':>8} {'compile s':>9}"
+    lines = [head + f" {'HOTPANTS s':>10} {'× HP':>5}"]
     for size in report["sizes"]:
         for run in ("stream", "second_process"):
             s = report[run]["summary"][size]

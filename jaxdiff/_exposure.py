@@ -95,4 +95,3 @@ class Exposure(eqx.Module):
         x0, y0 = (int(v) for v in np.asarray(self.xy0).reshape(-1, 2)[0])
         ny, nx = self.shape
         return x0, y0, x0 + nx - 1, y0 + ny - 1
-

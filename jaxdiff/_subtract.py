@@ -214,8 +214,14 @@ def prepare(template: Exposure, science: Exposure, config: SubtractConfig, plan:
         var_s, mask_s, box = pre.variance, pre.mask, pre.box
     offset = jnp.stack([science.xy0[1] - template.xy0[1], science.xy0[0] - template.xy0[0]])
     fill = (0.0, 1.0, 0, False)
-    t_grown = Planes(*padded_cut((template.image, var_t, mask_t, jnp.ones(template.shape, bool)), offset, h, (ny, nx), fill))
-    s_grown = Planes(*padded_cut((science.image, var_s, mask_s, jnp.ones((ny, nx), bool)), jnp.zeros(2, jnp.int32), h, (ny, nx), fill))
+    t_grown = Planes(
+        *padded_cut((template.image, var_t, mask_t, jnp.ones(template.shape, bool)), offset, h, (ny, nx), fill)
+    )
+    s_grown = Planes(
+        *padded_cut(
+            (science.image, var_s, mask_s, jnp.ones((ny, nx), bool)), jnp.zeros(2, jnp.int32), h, (ny, nx), fill
+        )
+    )
     crop = (slice(h, h + ny), slice(h, h + nx))
     t_box = Planes(*(p[crop] for p in t_grown))
     return Prepared(
@@ -262,7 +268,9 @@ def roles(prep: Prepared) -> Roles:
     """convolveTemplate: X = template, Y = science; convolveScience the other way round (§2)."""
     is_t = prep.convolves_template
     x = select(is_t, prep.t_grown, prep.s_grown)
-    y = select(is_t, (prep.science.image, prep.var_s, prep.mask_s), (prep.t_box.image, prep.t_box.variance, prep.t_box.mask))
+    y = select(
+        is_t, (prep.science.image, prep.var_s, prep.mask_s), (prep.t_box.image, prep.t_box.variance, prep.t_box.mask)
+    )
     return Roles(x, *y)
 
 
@@ -399,7 +407,13 @@ def fit(sel: Selection, box, config: SubtractConfig) -> Fitted:
     P = spatial.n_terms(cfg.spatial_kernel_order)
     result = fit_kernel(sel.data, sel.basis_images, sel.factors, cfg.solver, cfg, sel.reg)
     theta = result.theta
-    coeffs = jnp.zeros((n, P), theta.dtype).at[0, 0].set(theta[0]).at[1:, :].set(theta[1 : 1 + (n - 1) * P].reshape(n - 1, P))
+    coeffs = (
+        jnp.zeros((n, P), theta.dtype)
+        .at[0, 0]
+        .set(theta[0])
+        .at[1:, :]
+        .set(theta[1 : 1 + (n - 1) * P].reshape(n - 1, P))
+    )
     kernel = SpatialKernel(sel.basis_images, coeffs, box, cfg.spatial_kernel_order, cfg.spatial_model_type)
     return Fitted(result, kernel, theta[1 + (n - 1) * P :])
 
@@ -456,7 +470,15 @@ def difference(prep: Prepared, sel: Selection, fitted: Fitted, config: SubtractC
     matched = select(
         is_t,
         Exposure(conv_img, conv_var, conv_mask, science.psf, science.xy0, calib, mask_planes=out_planes),
-        Exposure(t_box.image / k0, t_box.variance / k0**2, t_box.mask, template.psf, science.xy0, calib, mask_planes=out_planes),
+        Exposure(
+            t_box.image / k0,
+            t_box.variance / k0**2,
+            t_box.mask,
+            template.psf,
+            science.xy0,
+            calib,
+            mask_planes=out_planes,
+        ),
     )
     bg_model = BackgroundModel(
         select(is_t, bg_coeffs, -bg_coeffs / kappa0), prep.box, cfg.spatial_bg_order, cfg.spatial_model_type
@@ -504,14 +526,16 @@ def difference(prep: Prepared, sel: Selection, fitted: Fitted, config: SubtractC
 def _metadata(prep: Prepared, sel: Selection, fitted: Fitted, cfg: SubtractConfig) -> dict:
     fit_result = fitted.fit
     theta = fit_result.theta
-    status = jnp.where(
-        sel.n_stamps < cfg.min_kernel_sources,
-        RESULTS.insufficient_sources,
-        jnp.where(
+    # the first failure that applies, in the order the shell checks them (ALGORITHM §3, §6, §8)
+    status = jnp.select(
+        [
+            prep.coverage < cfg.required_template_fraction,
+            sel.n_stamps < cfg.min_kernel_sources,
             jnp.sum(fit_result.active) == 0,
-            RESULTS.no_candidates,
-            jnp.where(jnp.all(jnp.isfinite(theta)), RESULTS.successful, RESULTS.nonfinite_solution),
-        ),
+            ~jnp.all(jnp.isfinite(theta)),
+        ],
+        [RESULTS.no_work, RESULTS.insufficient_sources, RESULTS.no_candidates, RESULTS.nonfinite_solution],
+        RESULTS.successful,
     ).astype(jnp.int32)
     md = dict(
         status=status,

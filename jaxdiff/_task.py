@@ -5,9 +5,9 @@ import time
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from . import _runtime as runtime
 from ._config import SubtractConfig, check_mode
 from ._detect import detect_sources
 from ._errors import RESULTS, InsufficientKernelSourcesError, NoKernelCandidatesError, NoWorkFound
@@ -15,11 +15,10 @@ from ._exposure import Exposure
 from ._finalize import finalize as _finalize
 from ._kernel import SpatialKernel
 from ._mask import bitmask
-from ._result import SubtractResult
-from ._sources import Sources
-from . import _runtime as runtime
 from ._plan import facts, plan_from, psf_size_for
 from ._psf import FWHM_PER_SIGMA
+from ._result import SubtractResult
+from ._sources import Sources
 from ._subtract import core_inputs, restore_wcs, subtract, subtract_staged
 from ._types import x64_enabled
 from .basis import BASIS_MODES

@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from . import _runtime as runtime
 from ._config import SubtractConfig
+from ._errors import RESULTS
 from ._exposure import Exposure
 from ._io import read_exposure, write_exposure
+from ._plan import Plan, make_plan, with_slots_for
 from ._result import SubtractResult
 from ._sources import Sources
-from . import _runtime as runtime
-from ._plan import Plan, make_plan, with_slots_for
 from ._subtract import core, core_inputs, restore_wcs
 
 _AXIS = "pairs"
@@ -175,19 +176,67 @@ def _difference_path(out_dir: str | None, science_path: str) -> str:
     return os.path.join(folder, f"{stem}_diff.fits")
 
 
+def run_files(
+    items: Sequence[tuple[str, str, Sources]],
+    config: SubtractConfig | None = None,
+    batch_size: int | None = None,
+    out_dir: str | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Subtract FITS pairs from disk in batches, reading the next batch while the current one runs.
+
+    A background thread reads batch i + 1 with `jd.read_exposure` while the device subtracts batch i, so the
+    device does not wait on FITS reads; each difference is written with `jd.write_exposure`. A pair that fails
+    (too little template coverage, too few kernel stars, ...) is reported in its row; the others go on.
+
+    Arguments:
+        items: (template path, science path, `jd.Sources`) triples of one image shape.
+        config: a `SubtractConfig` (None: LSST's defaults).
+        batch_size: pairs per batch (default: 4 per device).
+        out_dir: folder for the differences, `<science stem>_diff.fits` (default: beside each science file).
+        progress: show a tqdm progress bar (in pairs).
+
+    Returns:
+        One dict per pair, in order: `science`, `difference` (path written, None when the pair failed),
+        `status` (a `jd.RESULTS` name), `message` and `metadata` (plain Python numbers).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    items = [(os.fspath(t), os.fspath(s), src) for t, s, src in items]
+    size = _PER_DEVICE * jax.device_count() if batch_size is None else int(batch_size)
+    if size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    read = lambda chunk: [(read_exposure(t), read_exposure(s), src) for t, s, src in chunk]
+    rows = []
+    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=len(items), disable=not progress, unit="pair") as bar:
+        ahead = pool.submit(read, chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            pairs = ahead.result()
+            ahead = pool.submit(read, chunks[i + 1]) if i + 1 < len(chunks) else None
+            for (_, science_path, _), result in zip(chunk, run_many(pairs, config, size, progress=False), strict=True):
+                meta = {k: np.asarray(v).tolist() for k, v in result.metadata.items()}
+                status = RESULTS(int(meta["status"]))
+                path = None
+                if status == RESULTS.successful:
+                    path = _difference_path(out_dir, science_path)
+                    write_exposure(path, result.difference)
+                rows.append(
+                    dict(
+                        science=science_path, difference=path, status=status.name, message=status.message, metadata=meta
+                    )
+                )
+            bar.update(len(chunk))
+    return rows
+
+
 def _subtract_files(items: list, config: SubtractConfig, out_dir: str | None, batch_size: int) -> list[dict]:
-    """One Dask task: read the FITS pairs, run them with `run_many`, write the differences."""
+    """One Dask task: `run_files` on its share of the pairs."""
     # A worker is an entry point: like the task, it computes in float64 (float64 files stay float64).
     with jax.enable_x64(True):
-        pairs = [(read_exposure(t), read_exposure(s), src) for t, s, src in items]
-        results = run_many(pairs, config, batch_size=batch_size, progress=False)
-        out = []
-        for (_, science_path, _), result in zip(items, results, strict=True):
-            path = _difference_path(out_dir, science_path)
-            write_exposure(path, result.difference)
-            meta = {k: np.asarray(v).item() for k, v in result.metadata.items()}
-            out.append(dict(science=science_path, difference=path, metadata=meta))
-    return out
+        return run_files(items, config, batch_size, out_dir, progress=False)
 
 
 def dask_map(
@@ -212,8 +261,8 @@ def dask_map(
             science file); science files must have distinct names when they share an output folder.
 
     Returns:
-        One dict per pair, in order: `science` (input path), `difference` (output path) and `metadata`
-        (plain Python numbers from `jd.subtract`'s metadata, `status` a `jd.RESULTS` code).
+        One dict per pair, in order, as `run_files` returns them: `science`, `difference` (None for a failed
+        pair), `status` (a `jd.RESULTS` name), `message` and `metadata`.
     """
     config = SubtractConfig() if config is None else config
     if batch_size < 1:

@@ -6,7 +6,6 @@ import textwrap
 
 import equinox as eqx
 import jax
-import numpy as np
 import pytest
 from jax import monitoring
 

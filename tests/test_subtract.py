@@ -368,7 +368,9 @@ def test_vmap_over_pairs_with_different_psfs_equals_separate_calls():
     cfg = jd.SubtractConfig(mode="auto", kernel_size_buckets=(27,))
     specs = [(2.0, 2.5, 50), (2.6, 1.9, 80), (1.7, 2.2, 35)]
     pairs = [
-        jd.sim.simulate_pair((128, 128), seed=20 + i, n_stars=n, template_sigma=st, science_sigma=ss, psf_size=21, dtype=np.float64)
+        jd.sim.simulate_pair(
+            (128, 128), seed=20 + i, n_stars=n, template_sigma=st, science_sigma=ss, psf_size=21, dtype=np.float64
+        )
         for i, (st, ss, n) in enumerate(specs)
     ]
     separate = [jd.subtract(p.template, p.science, p.sources, cfg) for p in pairs]
