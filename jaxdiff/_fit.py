@@ -6,7 +6,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import stamps as _stamps
-from ._plan import SLOT_CHUNK
 from ._stats import clipped_mean_std
 from ._types import Array, Float
 from .solvers import symmetric_solve
@@ -71,15 +70,9 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
     dtype = data.x_stamp.dtype
     fx, fy, mix, *groups = factors
 
+    C = stamp_designs(data.x_stamp, fx, fy, mix, *groups)
+    Ms, bs = jax.vmap(stamp_normal)(C, data.y_core, data.weight.astype(dtype))
     valid = data.valid
-    # slots are packed stars first: chunks of padding slots are skipped (not under vmap, where cond selects)
-    n_active = jnp.sum(valid)
-
-    def designs(x, y, w):
-        C = stamp_designs(x, fx, fy, mix, *groups)
-        return (C, *jax.vmap(stamp_normal)(C, y, w))
-
-    C, Ms, bs = _by_chunks(designs, n_active, data.x_stamp, data.y_core, data.weight.astype(dtype))
     if reg is not None:
         Ms = Ms + reg.astype(dtype)
     Ms = jnp.where(valid[:, None, None], Ms, jnp.eye(n + 1, dtype=dtype))
@@ -87,12 +80,13 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
 
     k = basis.shape[-1]
     # reused by every residual test; float32 is plenty for the K² ∗ V_X term that only scales the residuals
-    vx_spec = _by_chunks(jax.vmap(lambda v: stamp_spectrum(v.astype(jnp.float32), k)), n_active, data.vx_stamp)
+    vx_spec = jax.vmap(lambda v: stamp_spectrum(v.astype(jnp.float32), k))(data.vx_stamp)
 
     def test(alpha):
-        one = lambda Cs, yc, vyc, vxs, vsp, g, a: residual_stats(Cs, yc, vyc, vxs, g, a, basis, vsp)
-        return _by_chunks(
-            jax.vmap(one), n_active, C, data.y_core, data.vy_core, data.vx_stamp, vx_spec, data.good_core, alpha
+        # all stamps in one vmap: the designs C already hold every stamp, and one wide batch keeps both cores
+        # busy (chunks of 64 under lax.map ran one after the other)
+        return jax.vmap(lambda Cs, yc, vyc, vxs, vsp, g, a: residual_stats(Cs, yc, vyc, vxs, g, a, basis, vsp))(
+            C, data.y_core, data.vy_core, data.vx_stamp, vx_spec, data.good_core, alpha
         )
 
     def passes(stats):
@@ -112,10 +106,6 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
         eligible = passed_single & ~rejected
         rank = _stamps.cell_rank(data.cx, data.cy, priority, eligible, cfg.size_cell)
         return eligible & (rank < cfg.n_star_per_cell)
-
-    def solve(active):
-        M, b = global_normal(Ms, bs, U, active.astype(dtype), rows, cols)
-        return symmetric_solve(M, b)
 
     # The rejection loop decides the selection only; gradients flow through the final solve.
     Ms_sg, bs_sg = lax.stop_gradient(Ms), lax.stop_gradient(bs)
@@ -181,24 +171,6 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
         residual_std=jnp.sqrt(jnp.sum(jnp.where(used, std**2, 0.0)) / n_used),
         stamp_kernel_sums=ksum,
     )
-
-
-def _by_chunks(fn, n_active, *arrays, chunk: int = SLOT_CHUNK):
-    """`fn` (batched over the leading axis) applied chunk by chunk; chunks starting at or after `n_active`
-    are not computed (zeros), since the fit's slots hold the stars first and padding after them."""
-    n = arrays[0].shape[0]
-    if n <= chunk or n % chunk:
-        return fn(*arrays)
-    parts = [a.reshape((n // chunk, chunk) + a.shape[1:]) for a in arrays]
-    shapes = jax.eval_shape(fn, *(p[0] for p in parts))
-
-    def one(args):
-        i, *part = args
-        skip = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        return lax.cond(i * chunk < n_active, lambda: fn(*part), skip)
-
-    out = lax.map(one, (jnp.arange(n // chunk), *parts))
-    return jax.tree.map(lambda o: o.reshape((n,) + o.shape[2:]), out)
 
 
 def _preconditioner(Ms, U, weights, rows, cols):

@@ -8,7 +8,9 @@ chosen from small fixed sets:
 - the kernel side `k`: the size ip_diffim would use (6 × the largest basis width, clamped to
   [kernel_size_min, kernel_size_max]) rounded *up* to the next of `config.kernel_size_buckets`;
 - the source capacity: source lists are padded to a multiple of `SOURCE_CAPACITY` (1024, above LSST's
-  1000 kernel stars), the stamp slots to `min(max_kernel_sources, capacity)` rounded up to the fit's chunk;
+  1000 kernel stars), and the fit's stamp slots are the next of `SLOT_SIZES` (128, 256, 512, 1024) above the
+  number of valid sources (capped by `max_kernel_sources`): each slot costs the fit work whether or not it
+  holds a star, so the slots follow the star count in four steps;
 - the PSF image side: image PSFs are zero-padded to the next of `PSF_SIZES` (the moments, the detection filter
   and the decorrelated difference PSF do not change under zero padding).
 """
@@ -30,7 +32,7 @@ from ._sources import Sources, capacity_for
 from ._stats import usable
 from ._types import is_concrete
 
-SLOT_CHUNK = 128  # the fit builds stamp designs in chunks of this many slots and skips chunks with no star
+SLOT_SIZES = (128, 256, 512, 1024)  # stamp slots of the fit, then multiples of 1024
 PSF_SIZES = (41, 65, 101, 161)
 PRECONVOLUTION_WIDTH = math.sqrt(2.0)  # the score image's PSF is P ∗ P: √2 × the science PSF width (§12)
 
@@ -46,7 +48,7 @@ class Plan:
     Attributes:
         mode: "convolveTemplate", "convolveScience", or "auto" (decided inside the program from the PSF widths).
         k: kernel side (odd), one of `config.kernel_size_buckets` (or `config.kernel_size`).
-        n_slots: stamp slots of the fit (a multiple of `SLOT_CHUNK`).
+        n_slots: stamp slots of the fit, one of `SLOT_SIZES` (or a multiple of 1024).
         capacity: length the source list is padded to.
         psf_size: side image PSFs are padded to (None: PSFs are used as given).
     """
@@ -257,19 +259,20 @@ def make_plan(
         widths = (_checked_widths(wt, t_psf, "template"), _checked_widths(ws, s_psf, "science"))
     n = 0 if sources is None else int(np.shape(sources.x)[-1])
     plan = plan_from(science.shape, n, config, widths, psf_size)
-    if science.image.ndim == 3 and sources is not None and is_concrete(sources.valid):
+    if sources is not None and is_concrete(sources.valid):  # traced sources keep the slots of the capacity
         plan = with_slots_for(plan, int(np.max(np.sum(np.asarray(sources.valid), axis=-1), initial=0)))
     return plan
 
 
 def with_slots_for(plan: Plan, n_valid: int) -> Plan:
-    """The plan with only as many stamp slots as `n_valid` sources need (rounded up to the chunk).
+    """The plan with only as many stamp slots as `n_valid` valid sources need: the next of `SLOT_SIZES` (every
+    slot costs the fit a stamp design and residual tests whether or not a star is in it)."""
+    return dataclasses.replace(plan, n_slots=min(plan.n_slots, slot_count(n_valid)))
 
-    For batches: under `vmap` the fit cannot skip the chunks of padding slots as a single call does, so a
-    batch's plan sizes the slots by the largest number of valid sources of its pairs.
-    """
-    slots = max(1, -(-int(n_valid) // SLOT_CHUNK)) * SLOT_CHUNK
-    return dataclasses.replace(plan, n_slots=min(plan.n_slots, slots))
+
+def slot_count(n: int) -> int:
+    """The next of `SLOT_SIZES` at least `n`, or the next multiple of 1024 above them."""
+    return bucket(n, SLOT_SIZES) if n <= SLOT_SIZES[-1] else -(-int(n) // 1024) * 1024
 
 
 def plan_from(shape, n_sources: int, config: SubtractConfig, widths, psf_size: int | None) -> Plan:
@@ -287,7 +290,7 @@ def plan_from(shape, n_sources: int, config: SubtractConfig, widths, psf_size: i
         )
     capacity = capacity_for(n_sources)
     wanted = capacity if config.max_kernel_sources < 0 else min(config.max_kernel_sources, capacity)
-    n_slots = max(1, -(-int(wanted) // SLOT_CHUNK)) * SLOT_CHUNK
+    n_slots = slot_count(wanted)
     return Plan(mode=mode, k=int(k), n_slots=n_slots, capacity=capacity, psf_size=psf_size)
 
 

@@ -15,7 +15,7 @@ from ._exposure import Exposure
 from ._finalize import finalize as _finalize
 from ._kernel import SpatialKernel
 from ._mask import bitmask
-from ._plan import facts, plan_from, psf_size_for
+from ._plan import facts, plan_from, psf_size_for, with_slots_for
 from ._psf import FWHM_PER_SIGMA
 from ._result import SubtractResult
 from ._sources import Sources
@@ -140,10 +140,11 @@ class AlardLuptonSubtract(eqx.Module):
             if sources is None:
                 bad = bitmask(science.mask_planes, cfg.exclude_mask_planes)
                 sources = detect_sources(s_in, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
-            if sources.n_valid == 0:
+            n_valid = sources.n_valid
+            if n_valid == 0:
                 raise _fit_failure(InsufficientKernelSourcesError(0, cfg.min_kernel_sources), coverage, cfg)
             widths = ([found["template_widths"]], [found["science_widths"]])
-            plan = plan_from(science.shape, len(sources), cfg, widths, psf_size)
+            plan = with_slots_for(plan_from(science.shape, len(sources), cfg, widths, psf_size), n_valid)
             timing["checks"] = time.perf_counter() - t0
             src = sources.padded(plan.capacity)
             if self.staged:

@@ -1,5 +1,6 @@
 """The static plan (ALGORITHM §2): only shapes are static, so new pairs reuse compiled programs."""
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -27,13 +28,15 @@ def test_kernel_size_rounds_up_to_the_next_bucket():
 
 
 def test_plan_is_the_same_for_different_widths_and_source_counts():
-    plans = set()
+    """New PSF widths within a kernel-size bucket and new source counts: one plan, except for the stamp slots,
+    which follow the number of valid sources in four steps."""
+    plans = []
     for i, (st, ss, n) in enumerate([(2.0, 2.3, 50), (1.9, 2.1, 120), (2.2, 2.6, 300), (2.4, 2.5, 999)]):
         pair = jd.sim.simulate_pair((128, 128), seed=i, n_stars=n, template_sigma=st, science_sigma=ss)
-        plans.add(jd.make_plan(pair.template, pair.science, pair.sources, jd.SubtractConfig()))
-    assert len(plans) == 1
-    (plan,) = plans
-    assert plan.capacity == 1024 and plan.k == 21 and plan.psf_size == 41
+        plans.append(jd.make_plan(pair.template, pair.science, pair.sources, jd.SubtractConfig()))
+    assert len({dataclasses.replace(p, n_slots=0) for p in plans}) == 1
+    assert [p.n_slots for p in plans] == [128, 128, 512, 1024]
+    assert plans[0].capacity == 1024 and plans[0].k == 21 and plans[0].psf_size == 41
 
 
 def test_auto_mode_is_decided_inside_the_program():
@@ -64,11 +67,11 @@ class _Compiles:
 
 @pytest.mark.slow
 def test_a_stream_of_new_pairs_compiles_once_per_image_size():
-    """Pairs of one size with new PSF widths (one kernel-size bucket), new source counts and `sources=None`:
-    the first pair compiles the checks, the core and the detection; the others compile nothing."""
+    """Pairs of one size with new PSF widths (one kernel-size bucket), new source counts (one slot size) and
+    `sources=None`: the first two pairs compile the checks, the core and the detection; the others nothing."""
     counter = _Compiles()
     task = jd.AlardLuptonSubtract(kernel_size_buckets=(21,))
-    specs = [(2.0, 2.4, 60, True), (1.8, 2.5, 90, False), (2.3, 2.0, 140, True), (1.6, 2.9, 45, False)]
+    specs = [(2.0, 2.4, 60, True), (1.8, 2.5, 90, False), (2.3, 2.0, 110, True), (1.6, 2.9, 45, False)]
     pairs = [
         jd.sim.simulate_pair((160, 160), seed=10 + i, n_stars=n, template_sigma=st, science_sigma=ss)
         for i, (st, ss, n, _) in enumerate(specs)
