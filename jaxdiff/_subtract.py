@@ -23,7 +23,7 @@ from ._background import BackgroundModel
 from ._config import SubtractConfig
 from ._errors import RESULTS
 from ._exposure import Exposure
-from ._finalize import decorrelate_arrays, edge_pixels
+from ._finalize import decorrelate_arrays, edge_pixels, variance_level
 from ._fit import FitResult, StampData, fit_kernel
 from ._kernel import SpatialKernel
 from ._mask import bitmask, plane_bit
@@ -32,7 +32,7 @@ from ._preconvolve import Preconvolved, fill_bad, preconvolve_science
 from ._prepare import exclusion_bits, output_planes, padded_cut, prepare_science_mask, prepare_template_mask
 from ._result import SubtractResult
 from ._sources import Sources
-from ._stats import clipped_mean_std, quantile_masked, standard_good, usable, variance_factor
+from ._stats import quantile_masked, standard_good, usable, variance_factor
 from ._types import select, solve_dtype
 
 _RESCALE_EXCLUDE = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP")
@@ -506,8 +506,7 @@ def difference(prep: Prepared, sel: Selection, fitted: Fitted, config: SubtractC
         )
     else:
         d_img, d_var = diff_img, diff_var
-        v_u = clipped_mean_std(var_u, good_u, max_samples=2**16)[0]
-        v_c = clipped_mean_std(var_c, good_c, max_samples=2**16)[0]
+        v_u, v_c = variance_level(var_u, good_u), variance_level(var_c, good_c)
     svar, tvar = select(is_t, (v_u, v_c), (v_c, v_u))
     diff = Exposure(
         d_img.astype(img_dtype),
