@@ -30,6 +30,7 @@ from ._mask import bitmask, plane_bit
 from ._plan import PRECONVOLUTION_WIDTH, Plan, canonical_psf, convolves_template, coverage, make_plan, width_kwargs
 from ._preconvolve import Preconvolved, fill_bad, preconvolve_science
 from ._prepare import exclusion_bits, output_planes, padded_cut, prepare_science_mask, prepare_template_mask
+from ._psf import ImagePsf
 from ._result import SubtractResult
 from ._sources import Sources
 from ._stats import quantile_masked, standard_good, usable, variance_factor
@@ -190,6 +191,9 @@ def prepare(template: Exposure, science: Exposure, config: SubtractConfig, plan:
     nodata_bit = plane_bit(out_planes, "NO_DATA")
     box = jnp.stack([science.xy0[0], science.xy0[1], nx, ny]).astype(sdt)
     template, science = _sentinels_to_nan(template), _sentinels_to_nan(science)
+    if plan.mode == "auto" and jax.tree.structure(template.psf) != jax.tree.structure(science.psf):
+        # the mode is picked per pair inside the program, so the two PSFs must be interchangeable values
+        template, science = (dataclasses.replace(e, psf=ImagePsf(e.psf.image())) for e in (template, science))
     widths = None
     if template.psf is not None and science.psf is not None:
         widths = (jnp.stack(template.psf.sigma_xy()), jnp.stack(science.psf.sigma_xy()))
