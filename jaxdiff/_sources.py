@@ -72,9 +72,7 @@ class Sources(eqx.Module):
         width = [(0, 0)] * (self.x.ndim - 1) + [(0, capacity - n)]
         xp = np if is_concrete(self) else jnp  # on the host when concrete: no program per list length
         x, y, flux, valid = (xp.asarray(a) for a in (self.x, self.y, self.flux, self.valid))
-        return Sources(
-            xp.pad(x, width), xp.pad(y, width), xp.pad(flux, width), xp.pad(valid, width)
-        )
+        return Sources(xp.pad(x, width), xp.pad(y, width), xp.pad(flux, width), xp.pad(valid, width))
 
     @property
     def n_valid(self) -> int:
