@@ -1,6 +1,7 @@
 """`Sources`: a fixed-length list of candidate kernel stars with a validity mask."""
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,7 +55,8 @@ class Sources(eqx.Module):
         for name, arr in (("flux", flux), ("valid", valid)):
             if arr.shape != x.shape:
                 raise ValueError(f"Sources {name} shape {tuple(arr.shape)} does not match x shape {tuple(x.shape)}")
-        self.x, self.y, self.flux, self.valid = (jnp.asarray(a) for a in (x, y, flux, valid))
+        # device_put, not jnp.asarray: the latter compiles a small program per length and dtype
+        self.x, self.y, self.flux, self.valid = (jax.device_put(a) if xp is np else a for a in (x, y, flux, valid))
 
     def __len__(self) -> int:
         return int(self.x.shape[-1])

@@ -205,9 +205,9 @@ def _caller_precision(tree):
     if x64_enabled():
         return tree
 
-    def cast(leaf):
+    def cast(leaf):  # on the host: an eager astype compiles a program per leaf shape
         if isinstance(leaf, jax.Array) and leaf.dtype == np.float64:
-            return leaf.astype(np.float32)
+            return jax.device_put(np.asarray(leaf, np.float32))
         return leaf
 
     return jax.tree.map(cast, tree)
