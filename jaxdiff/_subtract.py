@@ -17,6 +17,7 @@ from ._config import SubtractConfig, check_mode
 from ._errors import RESULTS
 from ._exposure import Exposure
 from ._fit import StampData, fit_kernel
+from ._image_fit import image_fit_status, resolve_fit_region, stage_fit_image
 from ._kernel import SpatialKernel
 from ._mask import bitmask, plane_bit
 from ._preconvolve import fill_bad, preconvolution_kernel, preconvolve_science
@@ -50,6 +51,7 @@ class Plan:
     basis_mode: str  # "config", "convolution", "deconvolution" (informational)
     rank_by_snr: bool = True  # some valid source lacks a flux: rank by measured S/N
     basis_sigmas: tuple[float, ...] = ()  # Alard–Lupton widths from the concrete PSF widths (metadata only)
+    fit_region: str = "stamps"  # resolved: "stamps" or "image" (_image_fit)
 
 
 @eqx.filter_jit
@@ -108,7 +110,8 @@ def make_plan(template: Exposure, science: Exposure, sources: Sources, config: S
                 size_max=config.kernel_size_max,
             )
     side = 2 * int(k) + 1
-    if side > min(science.shape):
+    fit_region = resolve_fit_region(config, science.shape, int(k))
+    if fit_region == "stamps" and side > min(science.shape):
         raise ValueError(
             f"kernel size {int(k)} needs ({side}, {side}) stamps, larger than the science image {science.shape}; "
             "use a smaller kernel_size / kernel_size_max or a larger image"
@@ -126,6 +129,7 @@ def make_plan(template: Exposure, science: Exposure, sources: Sources, config: S
         basis_mode=basis_mode,
         rank_by_snr=rank_by_snr,
         basis_sigmas=basis_sigmas,
+        fit_region=fit_region,
     )
 
 
@@ -198,8 +202,11 @@ def subtract_staged(template: Exposure, science: Exposure, sources: Sources, con
         return out
 
     st = timed("prepare", _jit_prepare, t_in, s_in)
-    st = {**st, **timed("select", _jit_select, st, sources)}
-    st = {**st, **timed("fit", _jit_fit, st)}
+    if plan.fit_region == "image":
+        st = {**st, **timed("fit", _jit_fit_image, st)}
+    else:
+        st = {**st, **timed("select", _jit_select, st, sources)}
+        st = {**st, **timed("fit", _jit_fit, st)}
     st = {**st, **timed("convolve", _jit_convolve, st)}
     result = timed("decorrelate", _jit_decorrelate, st)
     result = dataclasses.replace(
@@ -230,8 +237,11 @@ STAGES = ("prepare", "select", "fit", "convolve", "decorrelate")
 def core(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan):
     """The traceable subtraction for a fixed plan (not jitted: callers jit or vmap it)."""
     st = _stage_prepare(template, science, config, plan)
-    st = _stage_select(st, sources, config, plan)
-    st = _stage_fit(st, config, plan)
+    if plan.fit_region == "image":
+        st = stage_fit_image(st, config, plan)
+    else:
+        st = _stage_select(st, sources, config, plan)
+        st = _stage_fit(st, config, plan)
     st = _stage_convolve(st, config, plan)
     return _stage_decorrelate(st, config, plan)
 
@@ -635,6 +645,8 @@ def _stage_decorrelate(st: dict, config: SubtractConfig, plan: Plan) -> Subtract
             jnp.where(jnp.all(jnp.isfinite(theta)), RESULTS.successful, RESULTS.nonfinite_solution),
         ),
     ).astype(jnp.int32)
+    if plan.fit_region == "image":
+        status = image_fit_status(theta)
     metadata = dict(
         status=status,
         n_candidates=jnp.sum(ok),
@@ -657,6 +669,7 @@ def _stage_decorrelate(st: dict, config: SubtractConfig, plan: Plan) -> Subtract
     )
     if pre is not None:
         metadata["n_interpolated"] = pre.n_interpolated
+    metadata.update(st.get("image_fit_metadata", {}))
     return SubtractResult(difference, matched, bg_model, kernel, metadata)
 
 
@@ -674,6 +687,7 @@ def _new_entries(stage):
 _jit_prepare = eqx.filter_jit(_stage_prepare)
 _jit_select = eqx.filter_jit(_new_entries(_stage_select))
 _jit_fit = eqx.filter_jit(_new_entries(_stage_fit))
+_jit_fit_image = eqx.filter_jit(_new_entries(stage_fit_image))
 _jit_convolve = eqx.filter_jit(_new_entries(_stage_convolve))
 _jit_decorrelate = eqx.filter_jit(_stage_decorrelate)
 

@@ -142,9 +142,9 @@ class AlardLuptonSubtract(eqx.Module):
                 bad = bitmask(science.mask_planes, cfg.exclude_mask_planes)
                 sources = detect_sources(science, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
             n_valid = sources.n_valid if len(sources) else 0
-            if n_valid == 0:
-                raise _fit_failure(InsufficientKernelSourcesError(0, cfg.min_kernel_sources), coverage, cfg)
             plan = make_plan(template, science, sources, cfg)
+            if n_valid == 0 and plan.fit_region == "stamps":
+                raise _fit_failure(InsufficientKernelSourcesError(0, cfg.min_kernel_sources), coverage, cfg)
             timing["checks"] = time.perf_counter() - t0
             result, stage_times = subtract_staged(template, science, sources, cfg, plan, time.perf_counter)
             timing.update(stage_times)
@@ -169,6 +169,7 @@ class AlardLuptonSubtract(eqx.Module):
         metadata.update(
             mode=plan.mode,
             mode_requested=cfg.mode,
+            fit_region=plan.fit_region,
             convolved_exposure="template" if plan.mode == "convolveTemplate" else "science",
             kernel_size=plan.k,
             basis_mode=plan.basis_mode,
