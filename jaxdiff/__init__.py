@@ -37,6 +37,7 @@ from . import spatial as spatial
 from . import stamps as stamps
 from ._background import BackgroundModel as BackgroundModel
 from ._config import SubtractConfig as SubtractConfig
+from ._existing import subtract_with_kernel as subtract_with_kernel
 from ._kernel import SpatialKernel as SpatialKernel
 from ._result import SubtractResult as SubtractResult
 from ._subtract import subtract as subtract

@@ -5,7 +5,7 @@ fits on them (a (2k + 1)² stamp at least k from the edge needs a side > 4k), so
 2021) and SFFT (Hu et al. 2022) do, a spatially constant kernel and a low-order background are fitted to every
 usable pixel of the overlap at once: Y ≈ Σ_b a_b (B_b ∗ X) + Σ_m c_m g_m, by float64 weighted normal equations.
 Pixels the model cannot explain (the transient itself, a variable star) would bias the kernel, so the fit is
-repeated `_CLIP_PASSES` times with pixels whose normalised residual exceeds `_CLIP_SIGMA` (grown by `_CLIP_GROW`
+repeated `CLIP_PASSES` times with pixels whose normalised residual exceeds `_CLIP_SIGMA` (grown by `_CLIP_GROW`
 pixels) given zero weight; the selection is held out of the derivative, the final solve is differentiable.
 Everything has static shapes: the path jits, vmaps over stacked cut-outs and differentiates.
 """
@@ -27,7 +27,7 @@ from .solvers import symmetric_solve
 
 _CLIP_SIGMA = 4.0  # |residual| / σ above which a pixel is left out of the next pass
 _CLIP_GROW = 2  # rejected pixels grow by this many pixels (a transient's wings sit below the threshold)
-_CLIP_PASSES = 3  # solves in all: one unclipped, two clipped
+CLIP_PASSES = 3  # solves in all: one unclipped, two clipped
 _GRAM_ROWS = 8  # image rows per band of the normal-equation sums
 
 
@@ -63,7 +63,12 @@ def _grow(flag: Bool[Array, "ny nx"], r: int) -> Bool[Array, "ny nx"]:
     return lax.reduce_window(flag.astype(jnp.int8), jnp.int8(0), lax.max, (w, w), (1, 1), "SAME") > 0
 
 
-def _box_all(ok: Bool[Array, "my mx"], k: int) -> Bool[Array, "ny nx"]:
+def clip_mask(good: Bool[Array, "ny nx"], residual: Image) -> Bool[Array, "ny nx"]:
+    """`good` less the pixels whose normalised residual exceeds `_CLIP_SIGMA`, grown by `_CLIP_GROW` (no gradient)."""
+    return good & ~_grow(good & (jnp.abs(lax.stop_gradient(residual)) > _CLIP_SIGMA), _CLIP_GROW)
+
+
+def box_all(ok: Bool[Array, "my mx"], k: int) -> Bool[Array, "ny nx"]:
     """Valid-mode: whether the whole k × k box of each output pixel is ok."""
     return lax.reduce_window(ok.astype(jnp.int8), jnp.int8(1), lax.min, (k, k), (1, 1), "VALID") > 0
 
@@ -103,7 +108,7 @@ def separable_valid(
     return jnp.concatenate(out + [jnp.asarray(e, image.dtype)[None] for e in extra]), np.asarray(order)
 
 
-def _gram(planes: Float[Array, "r ny nx"], weight: Image, target: Image, rows: int = _GRAM_ROWS):
+def gram(planes: Float[Array, "r ny nx"], weight: Image, target: Image, rows: int = _GRAM_ROWS):
     """(Σ_p w A_r A_s, Σ_p w A_r y) in the weights' dtype, reading the planes in bands of `rows` image rows, so
     that only a band is ever held in float64 (a sequential loop: under `vmap` it stays one band per cut-out)."""
     r, ny, nx = planes.shape
@@ -163,7 +168,7 @@ def fit_image_kernel(
     h = k // 2
     q = bg_terms.shape[0]
     x_ok = x_ok & usable(x_img, x_var)
-    good0 = _box_all(x_ok, k) & y_ok & usable(y_img, y_var)
+    good0 = box_all(x_ok, k) & y_ok & usable(y_img, y_var)
     # the design planes are image-sized: they keep the image dtype; only the normal equations are in `sdt`
     xf = jnp.where(x_ok, x_img, 0.0)
     y = jnp.where(good0, y_img, 0.0).astype(sdt)
@@ -184,7 +189,7 @@ def fit_image_kernel(
         return planes, T.at[m:, r:].set(jnp.eye(q, dtype=sdt))
 
     def solve(A, T, good, penalty=None):
-        G, v = _gram(A, jnp.where(good, base_w, 0.0), y)
+        G, v = gram(A, jnp.where(good, base_w, 0.0), y)
         M = T @ G @ T.T
         if penalty is not None:
             M = M.at[:n, :n].add(penalty.astype(sdt))
@@ -192,7 +197,7 @@ def fit_image_kernel(
         return theta, M
 
     def clip(r):
-        return good0 & ~_grow(good0 & (jnp.abs(lax.stop_gradient(r)) > _CLIP_SIGMA), _CLIP_GROW)
+        return clip_mask(good0, r)
 
     def residual(A, T, theta, kernel_sq_sum):
         # K² ∗ V_X with V_X locally constant over the kernel (the clipping and statistics only need its scale)
@@ -211,7 +216,7 @@ def fit_image_kernel(
         theta0, _ = solve(A0, T0, good0)
         good = clip(residual(A0, T0, theta0, jnp.sum(kernel_images(first_factors, theta0[:m]) ** 2)))
     A, T = design(factors)
-    for _ in range(_CLIP_PASSES - 1):
+    for _ in range(CLIP_PASSES - 1):
         theta, _ = solve(A, T, good, reg)
         good = clip(residual(A, T, theta, jnp.sum(kernel_images(factors, theta[:n]) ** 2)))
     theta, M = solve(A, T, good, reg)
@@ -324,7 +329,7 @@ def stage_fit_image(st: dict, config, plan) -> dict:
         condition_number=stats["condition_number"],
         active=jnp.zeros((1,), bool),
         passed_single=jnp.zeros((1,), bool),
-        n_iterations=jnp.asarray(_CLIP_PASSES, jnp.int32),
+        n_iterations=jnp.asarray(CLIP_PASSES, jnp.int32),
         n_rejected_single=zero,
         n_rejected_ksum=zero,
         n_rejected_spatial=zero,

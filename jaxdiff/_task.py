@@ -11,6 +11,7 @@ import numpy as np
 from ._config import SubtractConfig, check_mode
 from ._detect import detect_sources
 from ._errors import RESULTS, InsufficientKernelSourcesError, NoKernelCandidatesError, NoWorkFound
+from ._existing import fixed_kernel_plan, subtract_with_kernel
 from ._exposure import Exposure
 from ._finalize import finalize as _finalize
 from ._kernel import SpatialKernel
@@ -102,6 +103,31 @@ class AlardLuptonSubtract(eqx.Module):
     def run_convolve_science(self, template, science, sources=None) -> SubtractResult:
         """`run` with the science convolved to match the template PSF."""
         return self._run(template, science, sources, self.config.replace(mode="convolveScience"))
+
+    def run_with_kernel(
+        self, template: Exposure, science: Exposure, kernel: SpatialKernel, fit_flux_scale: bool = False
+    ) -> SubtractResult:
+        """Subtract with a given kernel, fitting only the background (and, if `fit_flux_scale`, a flux scale):
+        ip_diffim's `SimplifiedSubtractTask` with `useExistingKernel` (see `jaxdiff._existing`)."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        with jax.enable_x64(True):
+            validate(template, science, cfg)
+            coverage = template_coverage(template, science)
+            if coverage < cfg.required_template_fraction:
+                raise NoWorkFound(
+                    f"template covers {coverage:.1%} of the science image, less than the required "
+                    f"{cfg.required_template_fraction:.1%} (required_template_fraction)"
+                )
+            plan = fixed_kernel_plan(template, science, kernel, cfg)
+            result = subtract_with_kernel(template, science, kernel, cfg, fit_flux_scale)
+            md = {k: np.asarray(v).item() for k, v in jax.device_get(result.metadata).items()}
+        if RESULTS(int(md["status"])) != RESULTS.successful:
+            raise RuntimeError("the background fit with the given kernel is not finite")
+        md.pop("variance_factor_failed")
+        md.update(mode=plan.mode, fit_region="existing_kernel", kernel_size=kernel.size, template_coverage=coverage)
+        md["timing.total"] = time.perf_counter() - t0
+        return _caller_precision(dataclasses.replace(result, metadata=md))
 
     def finalize(
         self,
