@@ -4,6 +4,9 @@ from ._errors import (
     RESULTS as RESULTS,
 )
 from ._errors import (
+    BadSubtractionError as BadSubtractionError,
+)
+from ._errors import (
     InsufficientKernelSourcesError as InsufficientKernelSourcesError,
 )
 from ._errors import (

@@ -60,9 +60,10 @@ class SubtractConfig:
     )
     bad_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE")
     detection_snr_range: tuple[float, float] = (10.0, 500.0)
-    fit_region: str = (
-        "auto"  # (jaxdiff) kernel fit on star "stamps", the whole overlap ("image"), or "auto": image iff no stamp fits
-    )
+    raise_on_bad_subtraction_ratio: bool = False  # detectAndMeasure.raiseOnBadSubtractionRatio (opt-in here)
+    bad_subtraction_ratio_threshold: float = 0.2  # badSubtractionRatioThreshold
+    bad_subtraction_variation_threshold: float = 0.4  # badSubtractionVariationThreshold
+    fit_region: str = "auto"  # (jaxdiff) fit on star "stamps" or the whole overlap ("image"); auto: image iff none fits
 
     def __post_init__(self):
         check_mode(self.mode)

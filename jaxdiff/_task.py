@@ -16,6 +16,7 @@ from ._exposure import Exposure
 from ._finalize import finalize as _finalize
 from ._kernel import SpatialKernel
 from ._mask import bitmask
+from ._quality import check_quality, quality_figures
 from ._result import SubtractResult
 from ._sources import Sources
 from ._stats import usable
@@ -105,10 +106,16 @@ class AlardLuptonSubtract(eqx.Module):
         return self._run(template, science, sources, self.config.replace(mode="convolveScience"))
 
     def run_with_kernel(
-        self, template: Exposure, science: Exposure, kernel: SpatialKernel, fit_flux_scale: bool = False
+        self,
+        template: Exposure,
+        science: Exposure,
+        kernel: SpatialKernel,
+        fit_flux_scale: bool = False,
+        sources: Sources | None = None,
     ) -> SubtractResult:
         """Subtract with a given kernel, fitting only the background (and, if `fit_flux_scale`, a flux scale):
-        ip_diffim's `SimplifiedSubtractTask` with `useExistingKernel` (see `jaxdiff._existing`)."""
+        ip_diffim's `SimplifiedSubtractTask` with `useExistingKernel` (see `jaxdiff._existing`). `sources` (found
+        on the science image when None) only set the footprints of the quality figures."""
         cfg = self.config
         t0 = time.perf_counter()
         with jax.enable_x64(True):
@@ -126,7 +133,19 @@ class AlardLuptonSubtract(eqx.Module):
             raise RuntimeError("the background fit with the given kernel is not finite")
         md.pop("variance_factor_failed")
         md.update(mode=plan.mode, fit_region="existing_kernel", kernel_size=kernel.size, template_coverage=coverage)
+        with jax.enable_x64(True):
+            if sources is None:
+                bad = bitmask(science.mask_planes, cfg.exclude_mask_planes)
+                sources = detect_sources(science, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
+            wt, ws = psf_widths(template.psf), psf_widths(science.psf)
+            widths = dict(template=wt, science=ws, difference=psf_widths(result.difference.psf))
+            md.update(
+                quality_figures(
+                    template, science, result.difference, sources, widths, kernel.size, cfg.detection_snr_range[0]
+                )
+            )
         md["timing.total"] = time.perf_counter() - t0
+        check_quality(md, cfg)
         return _caller_precision(dataclasses.replace(result, metadata=md))
 
     def finalize(
@@ -206,6 +225,15 @@ class AlardLuptonSubtract(eqx.Module):
             science_psf_fwhm=None if ws is None else 2.3548 * float(np.sqrt(0.5 * (ws[0] ** 2 + ws[1] ** 2))),
         )
         metadata.update({f"timing.{k}": v for k, v in timing.items()})
+        t_quality = time.perf_counter()
+        with jax.enable_x64(True):
+            widths = dict(template=wt, science=ws, difference=psf_widths(result.difference.psf))
+            figures = quality_figures(
+                template, science, result.difference, sources, widths, plan.k, cfg.detection_snr_range[0]
+            )
+            metadata.update(figures)
+        metadata["timing.quality"] = time.perf_counter() - t_quality
+        check_quality(metadata, cfg)
         return _caller_precision(dataclasses.replace(result, metadata=metadata))
 
 
