@@ -60,6 +60,7 @@ class SubtractConfig:
     )
     bad_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE")
     detection_snr_range: tuple[float, float] = (10.0, 500.0)
+    allow_kernel_source_detection: bool = False  # allowKernelSourceDetection: too few given sources → detect, retry
     raise_on_bad_subtraction_ratio: bool = False  # detectAndMeasure.raiseOnBadSubtractionRatio (opt-in here)
     bad_subtraction_ratio_threshold: float = 0.2  # badSubtractionRatioThreshold
     bad_subtraction_variation_threshold: float = 0.4  # badSubtractionVariationThreshold

@@ -173,6 +173,22 @@ class AlardLuptonSubtract(eqx.Module):
             )
 
     def _run(self, template, science, sources, cfg: SubtractConfig) -> SubtractResult:
+        try:
+            result = self._run_once(template, science, sources, cfg)
+        except (InsufficientKernelSourcesError, NoKernelCandidatesError) as err:
+            if sources is None or not cfg.allow_kernel_source_detection:
+                raise
+            # ip_diffim's allowKernelSourceDetection: find kernel candidates on the science image and retry
+            with jax.enable_x64(True):
+                bad = bitmask(science.mask_planes, cfg.exclude_mask_planes)
+                detected = detect_sources(science, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
+            result = self._run_once(template, science, detected, cfg)
+            result.metadata.update(kernel_sources="detected", kernel_sources_error=str(err))
+            return result
+        result.metadata["kernel_sources"] = "detected" if sources is None else "given"
+        return result
+
+    def _run_once(self, template, science, sources, cfg: SubtractConfig) -> SubtractResult:
         timing = {}
         t0 = time.perf_counter()
         with jax.enable_x64(True):
