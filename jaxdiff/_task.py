@@ -16,6 +16,7 @@ from ._exposure import Exposure
 from ._finalize import finalize as _finalize
 from ._kernel import SpatialKernel
 from ._mask import bitmask
+from ._psf import as_psf
 from ._quality import check_quality, quality_figures
 from ._result import SubtractResult
 from ._sources import Sources
@@ -93,8 +94,17 @@ class AlardLuptonSubtract(eqx.Module):
             config = config.replace(**fields)
         self.config = config
 
-    def run(self, template: Exposure, science: Exposure, sources: Sources | None = None) -> SubtractResult:
-        """PSF-match, subtract and (unless `do_decorrelation` is False) decorrelate; mode from the config."""
+    def run(
+        self, template: Exposure, science: Exposure, sources: Sources | None = None, *, science_psf=None
+    ) -> SubtractResult:
+        """PSF-match, subtract and (unless `do_decorrelation` is False) decorrelate; mode from the config.
+
+        `science_psf`: a `jd.Psf` (or unit-sum odd image) replacing `science.psf` for this call, e.g. a final PSF
+        from an external calibration (ip_diffim's `doApplyExternalCalibrations`); jaxdiff exposures carry no
+        aperture corrections, so only the PSF is replaced here (the LSST task also swaps those).
+        """
+        if science_psf is not None:
+            science = eqx.tree_at(lambda e: e.psf, science, as_psf(science_psf), is_leaf=lambda x: x is None)
         return self._run(template, science, sources, self.config)
 
     def run_convolve_template(self, template, science, sources=None) -> SubtractResult:

@@ -35,3 +35,16 @@ def test_two_usable_stars_are_rescued_by_detection(pair):
     # as clean as the full catalogue's: the same pixel scatter to 5 %
     scatter = [np.nanstd(np.asarray(r.difference.image)) for r in (rescued, full)]
     assert scatter[0] == pytest.approx(scatter[1], rel=0.05)
+
+
+def test_science_psf_replaced_per_call(pair):
+    """A replacement science PSF changes what the task uses (widths, basis, decorrelated PSF), and equals
+    running on an exposure that carries that PSF."""
+    wider = jd.GaussianPsf(2.6, 21)
+    task = jd.AlardLuptonSubtract()
+    swapped = task.run(pair.template, pair.science, pair.sources, science_psf=wider)
+    s = pair.science
+    carried = task.run(pair.template, jd.Exposure(s.image, s.variance, s.mask, wider, s.xy0), pair.sources)
+    assert swapped.metadata["science_psf_fwhm"] == pytest.approx(2.3548 * 2.6, rel=1e-3)
+    np.testing.assert_array_equal(np.asarray(swapped.difference.image), np.asarray(carried.difference.image))
+    assert pair.science.psf is s.psf  # the caller's exposure is unchanged
