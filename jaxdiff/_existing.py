@@ -6,68 +6,62 @@ decorrelation and metadata are the core's own stages, so with the kernel of a fu
 difference is the full fit's (the background only enters it when `do_subtract_background`).
 """
 
-import dataclasses
-
 import equinox as eqx
 import jax.numpy as jnp
 from jax import lax
 
 from . import convolve as _convolve
 from . import spatial
-from ._config import SubtractConfig
+from ._config import SubtractConfig, check_mode
 from ._exposure import Exposure
 from ._fit import FitResult
 from ._image_fit import CLIP_PASSES, box_all, clip_mask, gram
 from ._kernel import SpatialKernel
 from ._mask import plane_bit
+from ._plan import Plan, psf_size_for
 from ._prepare import exclusion_bits, output_planes
-from ._sources import Sources
 from ._stats import quantile_masked, usable
-from ._subtract import _stage_convolve, _stage_decorrelate, _stage_prepare, _strip_wcs, _with_wcs, make_plan
-from ._threads import run_blocking
-from ._types import solve_dtype
+from ._subtract import Fitted, Prepared, Selection, core_inputs, difference, prepare, restore_wcs
+from ._types import select, solve_dtype
 from .solvers import symmetric_solve
 
 
-def stage_fixed_kernel(st: dict, kernel: SpatialKernel, config: SubtractConfig, plan, fit_flux_scale: bool) -> dict:
-    """Replaces the select and fit stages: background (and flux scale) for a given kernel, on every usable pixel.
+def fit_fixed_kernel(prep: Prepared, kernel: SpatialKernel, config: SubtractConfig, fit_flux_scale: bool):
+    """The select and fit stages for a given kernel: background (and flux scale) on every usable pixel.
 
-    Returns the state entries the convolve and decorrelate stages read (see `_image_fit.stage_fit_image`); the
-    box is the kernel's, so that its spatial terms mean what they meant when it was fitted.
+    Returns:
+        (sel, fitted) for the core's `difference` stage: no stamps (`data` None), `fitted.kernel` = s·K,
+        `fitted.extra` the flux scale and pixel counts.
     """
     cfg = config
     sdt = solve_dtype()
-    science, template = st["science"], st["template"]
+    science, template = prep.science, prep.template
     ny, nx = science.shape
     k = kernel.size
     h = k // 2
     planes = output_planes(science.mask_planes, template.mask_planes, cfg)
     excl = exclusion_bits(planes, cfg)
-    if plan.mode == "convolveTemplate":
-        x = (st["tg_img"], st["tg_var"], st["tg_mask"], st["tg_inside"])
-        y_img, y_var = science.image, st["var_s"]
-    else:
-        x = (st["sg_img"], st["sg_var"], st["sg_mask"], st["sg_inside"])
-        y_img, y_var = st["t_img"], st["t_var"]
+    is_t = prep.convolves_template
+    x = select(is_t, prep.t_grown, prep.s_grown)
+    y_img, y_var = select(is_t, (science.image, prep.var_s), (prep.t_box.image, prep.t_box.variance))
     box = kernel.box.astype(sdt)
     tx, ty = spatial.separable_terms(box, (ny + 2 * h, nx + 2 * h), science.xy0 - h, kernel.order, kernel.model)
-    dt = x[0].dtype
+    dt = x.image.dtype
     conv, conv_var, _ = _convolve.convolve_spatial(
-        x[0],
-        x[1],
-        x[2],
+        x.image,
+        x.variance,
+        x.mask,
         kernel.components().astype(dt),
         tx.astype(dt),
         ty.astype(dt),
-        valid=x[3],
+        valid=x.inside,
         edge_bit=plane_bit(planes, "EDGE"),
         interior=h,
     )
-    x_ok = x[3] & ((x[2] & excl) == 0) & usable(x[0], x[1])
-    bad = ((st["mask_s"] | st["t_mask"]) & excl) != 0
-    good0 = box_all(x_ok, k) & ~bad & st["t_inside"] & usable(y_img, y_var) & jnp.isfinite(conv)
-    q_order = cfg.spatial_bg_order
-    bx, by = spatial.separable_terms(box, (ny, nx), science.xy0, q_order, kernel.model)
+    x_ok = x.inside & ((x.mask & excl) == 0) & usable(x.image, x.variance)
+    bad = ((prep.mask_s | prep.t_box.mask) & excl) != 0
+    good0 = box_all(x_ok, k) & ~bad & prep.t_box.inside & usable(y_img, y_var) & jnp.isfinite(conv)
+    bx, by = spatial.separable_terms(box, (ny, nx), science.xy0, cfg.spatial_bg_order, kernel.model)
     bg_terms = [by[m].astype(dt)[:, None] * bx[m].astype(dt)[None, :] for m in range(bx.shape[0])]
     conv0 = jnp.where(good0, conv, 0.0)
     y = jnp.where(good0, y_img, 0.0).astype(sdt)
@@ -101,7 +95,6 @@ def stage_fixed_kernel(st: dict, kernel: SpatialKernel, config: SubtractConfig, 
     kernel = eqx.tree_at(lambda kk: kk.coefficients, kernel, kernel.coefficients * scale.astype(sdt))
     ev = jnp.linalg.eigvalsh(lax.stop_gradient(G))
     zero = jnp.zeros((), jnp.int32)
-    kappa0 = kernel.coefficients[0, 0]
     fit = FitResult(
         theta=theta,
         condition_number=ev[-1] / ev[0],
@@ -113,38 +106,29 @@ def stage_fixed_kernel(st: dict, kernel: SpatialKernel, config: SubtractConfig, 
         n_rejected_spatial=zero,
         residual_mean=mean,
         residual_std=std,
-        stamp_kernel_sums=kappa0[None],
+        stamp_kernel_sums=kernel.coefficients[0, :1],
     )
     extra = dict(
         n_fit_pixels=cnt.astype(jnp.int32),
         n_clipped_pixels=jnp.sum(good0 & ~good).astype(jnp.int32),
         flux_scale=scale,
     )
-    return dict(
-        st,
-        box=box,
-        fit=fit,
-        kernel=kernel,
-        bg_coeffs=bg,
-        kappa0=kappa0,
-        theta=theta,
-        n_stamps=zero,
-        ok=jnp.zeros((1,), bool),
-        image_fit_metadata=extra,
-    )
+    sel = Selection(None, kernel.basis, (), None, jnp.zeros(0, sdt), jnp.asarray(0), zero, zero)
+    return sel, Fitted(fit, kernel, bg, extra)
 
 
 @eqx.filter_jit
 def _core_fixed(template, science, kernel, config, plan, fit_flux_scale):
-    st = _stage_prepare(template, science, config, plan)
-    st = stage_fixed_kernel(st, kernel, config, plan, fit_flux_scale)
+    prep = prepare(template, science, config, plan)
+    # the kernel's spatial terms mean what they meant when it was fitted: its own box, order and model
+    prep = prep._replace(box=kernel.box.astype(prep.box.dtype))
+    sel, fitted = fit_fixed_kernel(prep, kernel, config, fit_flux_scale)
     cfg = config.replace(spatial_kernel_order=kernel.order, spatial_model_type=kernel.model)
-    st = _stage_convolve(st, cfg, plan)
-    return _stage_decorrelate(st, cfg, plan)
+    return difference(prep, sel, fitted, cfg, plan)
 
 
-def fixed_kernel_plan(template: Exposure, science: Exposure, kernel: SpatialKernel, config: SubtractConfig):
-    """The core's static plan with the given kernel's size (the grown cut-outs depend on it)."""
+def fixed_kernel_plan(template: Exposure, science: Exposure, kernel: SpatialKernel, config: SubtractConfig) -> Plan:
+    """The core's static plan for a given kernel: its size, no stamps."""
     k = kernel.size
     if k % 2 == 0 or min(science.shape) <= 2 * k:
         raise ValueError(
@@ -153,9 +137,9 @@ def fixed_kernel_plan(template: Exposure, science: Exposure, kernel: SpatialKern
         )
     if config.use_preconvolution:
         raise ValueError("subtraction with a given kernel does not support use_preconvolution")
-    empty = Sources(jnp.zeros(1), jnp.zeros(1), valid=jnp.zeros(1, bool))
-    plan = make_plan(template, science, empty, config.replace(fit_region="image", scale_by_fwhm=False, kernel_size=k))
-    return dataclasses.replace(plan, k=k, fit_region="image")
+    check_mode(config.mode)
+    psf_size = psf_size_for(template, science, config)
+    return Plan(mode=config.mode, k=k, n_slots=1, capacity=1, psf_size=psf_size, fit_region="image")
 
 
 def subtract_with_kernel(
@@ -184,9 +168,5 @@ def subtract_with_kernel(
     """
     config = SubtractConfig() if config is None else config
     plan = fixed_kernel_plan(template, science, kernel, config)
-    result = run_blocking(_core_fixed, _strip_wcs(template), _strip_wcs(science), kernel, config, plan, fit_flux_scale)
-    return dataclasses.replace(
-        result,
-        difference=_with_wcs(result.difference, science.wcs),
-        matched_template=_with_wcs(result.matched_template, science.wcs),
-    )
+    t_in, s_in, _ = core_inputs(template, science, None, psf_size=plan.psf_size)
+    return restore_wcs(_core_fixed(t_in, s_in, kernel, config, plan, fit_flux_scale), science.wcs)

@@ -10,6 +10,8 @@ pixels) given zero weight; the selection is held out of the derivative, the fina
 Everything has static shapes: the path jits, vmaps over stacked cut-outs and differentiates.
 """
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -17,12 +19,11 @@ from jax import lax
 from . import basis as _basis
 from . import spatial
 from ._config import check_fit_region
-from ._errors import RESULTS
 from ._fit import FitResult
 from ._kernel import SpatialKernel
 from ._prepare import exclusion_bits, output_planes
 from ._stats import quantile_masked, usable
-from ._types import Array, Bool, Float, Image, solve_dtype
+from ._types import Array, Bool, Float, Image, select, solve_dtype
 from .solvers import symmetric_solve
 
 _CLIP_SIGMA = 4.0  # |residual| / σ above which a pixel is left out of the next pass
@@ -237,16 +238,17 @@ def fit_image_kernel(
     return theta, basis, stats
 
 
-def _factors_for(psf_x, psf_y, k: int, cfg):
-    """(factors, first_factors, reg): the kernel basis in separable form, the rigid first-pass basis (the
-    basis's Gaussians without their polynomials; for delta functions the identity) and the delta-function
-    regulariser, for kernel side k and the (possibly traced) PSF widths."""
+def _factors_for(prep, k: int, cfg):
+    """(factors, first_factors, reg, widths, code): the kernel basis in separable form, the rigid first-pass basis
+    (the basis's Gaussians without their polynomials; for delta functions the identity), the delta-function
+    regulariser, and the basis widths and width-case code, for kernel side k and the (traced) PSF widths."""
     sdt = solve_dtype()
     if cfg.kernel_basis == "alard-lupton":
         sig_x = sig_y = None
-        if psf_x is not None and psf_y is not None:
-            sig_x, sig_y = psf_x.sigma(), psf_y.sigma()
-        widths, _ = _basis.alard_lupton_widths_traced(
+        if prep.widths is not None:
+            sig_t, sig_s = (jnp.sqrt(0.5 * jnp.sum(w**2)) for w in prep.widths)
+            sig_x, sig_y = select(prep.convolves_template, (sig_t, sig_s), (sig_s, sig_t))
+        widths, code = _basis.alard_lupton_widths_traced(
             sig_x,
             sig_y,
             sig_gauss=tuple(cfg.al_sig_gauss),
@@ -260,7 +262,7 @@ def _factors_for(psf_x, psf_y, k: int, cfg):
         factors = (*factors, _basis.x_factor_groups(degrees))
         zeros = (0,) * len(degrees)
         first = (*_basis.alard_lupton_factors(k, widths, zeros, orthonormalize=False), None)
-        return factors, first, None
+        return factors, first, None, widths, code
     eye = jnp.eye(k, dtype=sdt)
     basis_images = _basis.delta_function(k).astype(sdt)
     groups = (tuple(range(k)), tuple(r % k for r in range(k * k)))
@@ -272,43 +274,48 @@ def _factors_for(psf_x, psf_y, k: int, cfg):
         reg = _basis.regularization_matrix(
             k, basis_images, lambda_value=cfg.lambda_value, border_penalty=cfg.regularization_border_penalty
         )
-    return factors, first, reg
+    return factors, first, reg, jnp.zeros(0, sdt), jnp.asarray(0)
 
 
-def stage_fit_image(st: dict, config, plan) -> dict:
-    """Replaces the select and fit stages for `plan.fit_region == "image"`: the state entries they add.
+class ImageFit(NamedTuple):
+    """The whole-overlap fit, in the terms of the core's select and fit stages (`_subtract` wraps it)."""
 
-    Reads the prepared state of `_subtract._stage_prepare` (grown cut-outs, masks, variances, box) and returns
-    the entries the convolve and decorrelate stages read: `kernel` (constant: only its spatial term 0 is
-    non-zero, in the configured spatial order), `bg_coeffs`, `kappa0`, `theta`, a `fit` with no stamps,
-    `n_stamps` = 0, `ok`, and `image_fit_metadata`.
+    kernel: SpatialKernel  # spatially constant: only its spatial term 0 is non-zero, in the configured order
+    bg_coeffs: Array
+    fit: FitResult  # no stamps: `active` is a single False slot
+    basis_images: Array
+    factors: tuple
+    basis_widths: Array
+    basis_code: Array
+    extra: dict  # n_fit_pixels, n_clipped_pixels
+
+
+def fit_whole_image(prep, config, plan) -> ImageFit:
+    """The select and fit stages for `plan.fit_region == "image"`: one kernel and background on every usable pixel.
+
+    Arguments:
+        prep: the core's `Prepared` stage output (grown cut-outs, masks, variances, box, mode decision).
+        config: the `SubtractConfig`. plan: the static plan (kernel side `plan.k`).
     """
     cfg = config
     sdt = solve_dtype()
-    science, template = st["science"], st["template"]
+    science, template = prep.science, prep.template
     ny, nx = science.shape
     k = plan.k
-    out_planes_bits = exclusion_bits(output_planes(science.mask_planes, template.mask_planes, cfg), cfg)
-    if plan.mode == "convolveTemplate":
-        x = (st["tg_img"], st["tg_var"], st["tg_mask"], st["tg_inside"])
-        y_img, y_var = science.image, st["var_s"]
-        psf_x, psf_y = template.psf, science.psf
-    else:
-        x = (st["sg_img"], st["sg_var"], st["sg_mask"], st["sg_inside"])
-        y_img, y_var = st["t_img"], st["t_var"]
-        psf_x, psf_y = science.psf, template.psf
+    excl = exclusion_bits(output_planes(science.mask_planes, template.mask_planes, cfg), cfg)
+    is_t = prep.convolves_template
+    x = select(is_t, prep.t_grown, prep.s_grown)
+    y_img, y_var = select(is_t, (science.image, prep.var_s), (prep.t_box.image, prep.t_box.variance))
     # a pixel excluded in either image's mask is out, as for stamps (§6)
-    bad = ((st["mask_s"] | st["t_mask"]) & out_planes_bits) != 0
-    x_ok = x[3] & ((x[2] & out_planes_bits) == 0)
-    y_ok = ~bad & st["t_inside"]
-    factors, first, reg = _factors_for(psf_x, psf_y, k, cfg)
-    box = st["box"]
-    Q_order = cfg.spatial_bg_order
-    tx, ty = spatial.separable_terms(box, (ny, nx), science.xy0, Q_order, cfg.spatial_model_type)
+    bad = ((prep.mask_s | prep.t_box.mask) & excl) != 0
+    x_ok = x.inside & ((x.mask & excl) == 0)
+    y_ok = ~bad & prep.t_box.inside
+    factors, first, reg, widths, code = _factors_for(prep, k, cfg)
+    tx, ty = spatial.separable_terms(prep.box, (ny, nx), science.xy0, cfg.spatial_bg_order, cfg.spatial_model_type)
     bg_terms = ty.astype(sdt)[:, :, None] * tx.astype(sdt)[:, None, :]
     theta, basis_images, stats = fit_image_kernel(
-        x[0],
-        x[1],
+        x.image,
+        x.variance,
         x_ok,
         y_img,
         y_var,
@@ -322,7 +329,7 @@ def stage_fit_image(st: dict, config, plan) -> dict:
     n = basis_images.shape[0]
     P = spatial.n_terms(cfg.spatial_kernel_order)
     coeffs = jnp.zeros((n, P), sdt).at[:, 0].set(theta[:n])
-    kernel = SpatialKernel(basis_images, coeffs, box, cfg.spatial_kernel_order, cfg.spatial_model_type)
+    kernel = SpatialKernel(basis_images, coeffs, prep.box, cfg.spatial_kernel_order, cfg.spatial_model_type)
     zero = jnp.zeros((), jnp.int32)
     fit = FitResult(
         theta=theta,
@@ -338,19 +345,4 @@ def stage_fit_image(st: dict, config, plan) -> dict:
         stamp_kernel_sums=theta[:1],
     )
     extra = dict(n_fit_pixels=stats["n_fit_pixels"], n_clipped_pixels=stats["n_clipped_pixels"])
-    return dict(
-        st,
-        fit=fit,
-        kernel=kernel,
-        bg_coeffs=theta[n:],
-        kappa0=theta[0],
-        theta=theta,
-        n_stamps=zero,
-        ok=jnp.zeros((1,), bool),
-        image_fit_metadata=extra,
-    )
-
-
-def image_fit_status(theta) -> Array:
-    """RESULTS code of an image fit: success when the solution is finite (there are no stamps to count)."""
-    return jnp.where(jnp.all(jnp.isfinite(theta)), RESULTS.successful, RESULTS.nonfinite_solution).astype(jnp.int32)
+    return ImageFit(kernel, theta[n:], fit, basis_images, factors, widths, code, extra)
