@@ -28,7 +28,7 @@ from ._config import SubtractConfig, check_mode
 from ._exposure import Exposure
 from ._image_fit import resolve_fit_region
 from ._mask import bitmask
-from ._psf import GridPsf, ImagePsf, Psf
+from ._psf import GaussianPsf, GridPsf, ImagePsf, Psf
 from ._sources import Sources, capacity_for
 from ._stats import usable
 from ._types import is_concrete
@@ -211,22 +211,20 @@ def psf_size_for(template: Exposure, science: Exposure, config: SubtractConfig) 
 
 def canonical_psf(psf: Psf | None, size: int | None) -> Psf | None:
     """The PSF zero-padded to side `size` (unchanged when `size` is None), so that every PSF of a size bucket
-    gives the same program: a `GridPsf` keeps its grid with padded node images, any other model becomes an
-    `ImagePsf` of its centre image."""
-    if size is None or psf is None:
+    gives the same program: a `GaussianPsf` is drawn at that size, a `GridPsf` keeps its grid with padded node
+    images, any other model becomes an `ImagePsf` of its centre image."""
+    if size is None or psf is None or psf.size == size:
         return psf
-    if isinstance(psf, GridPsf):
-        pad = (size - psf.size) // 2
-        if pad == 0:
-            return psf
-        return GridPsf(jnp.pad(psf.images, ((0, 0), (0, 0), (pad, pad), (pad, pad))), psf.box)
-    image = psf.image()
-    pad = (size - image.shape[-1]) // 2
+    pad = (size - psf.size) // 2
     if pad < 0:
-        raise ValueError(f"PSF image of side {image.shape[-1]} is larger than the planned side {size}")
-    if pad == 0 and isinstance(psf, ImagePsf):
-        return psf
-    return ImagePsf(jnp.pad(image, pad))
+        raise ValueError(f"PSF image of side {psf.size} is larger than the planned side {size}")
+    if isinstance(psf, GaussianPsf):  # drawn inside the program at the new size
+        return GaussianPsf(psf.width, size)
+    xp = np if is_concrete(psf) else jnp  # on the host when concrete: no program per PSF size
+    if isinstance(psf, GridPsf):
+        return GridPsf(xp.pad(xp.asarray(psf.images), ((0, 0), (0, 0), (pad, pad), (pad, pad))), psf.box)
+    image = psf.array if isinstance(psf, ImagePsf) else psf.image()
+    return ImagePsf(xp.pad(xp.asarray(image), pad))
 
 
 def make_plan(

@@ -23,7 +23,7 @@ from ._background import BackgroundModel
 from ._config import SubtractConfig
 from ._errors import RESULTS
 from ._exposure import Exposure
-from ._finalize import decorrelate_arrays, edge_pixels
+from ._finalize import decorrelate_arrays, edge_pixels, variance_level
 from ._fit import FitResult, StampData, fit_kernel
 from ._image_fit import fit_whole_image
 from ._kernel import SpatialKernel
@@ -31,9 +31,10 @@ from ._mask import bitmask, plane_bit
 from ._plan import PRECONVOLUTION_WIDTH, Plan, canonical_psf, convolves_template, coverage, make_plan, width_kwargs
 from ._preconvolve import Preconvolved, fill_bad, preconvolve_science
 from ._prepare import exclusion_bits, output_planes, padded_cut, prepare_science_mask, prepare_template_mask
+from ._psf import ImagePsf
 from ._result import SubtractResult
 from ._sources import Sources
-from ._stats import clipped_mean_std, quantile_masked, standard_good, usable, variance_factor
+from ._stats import quantile_masked, standard_good, usable, variance_factor
 from ._types import select, solve_dtype
 
 _RESCALE_EXCLUDE = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP")
@@ -198,6 +199,9 @@ def prepare(template: Exposure, science: Exposure, config: SubtractConfig, plan:
     nodata_bit = plane_bit(out_planes, "NO_DATA")
     box = jnp.stack([science.xy0[0], science.xy0[1], nx, ny]).astype(sdt)
     template, science = _sentinels_to_nan(template), _sentinels_to_nan(science)
+    if plan.mode == "auto" and jax.tree.structure(template.psf) != jax.tree.structure(science.psf):
+        # the mode is picked per pair inside the program, so the two PSFs must be interchangeable values
+        template, science = (dataclasses.replace(e, psf=ImagePsf(e.psf.image())) for e in (template, science))
     widths = None
     if template.psf is not None and science.psf is not None:
         widths = (jnp.stack(template.psf.sigma_xy()), jnp.stack(science.psf.sigma_xy()))
@@ -523,8 +527,7 @@ def difference(prep: Prepared, sel: Selection, fitted: Fitted, config: SubtractC
         )
     else:
         d_img, d_var = diff_img, diff_var
-        v_u = clipped_mean_std(var_u, good_u, max_samples=2**16)[0]
-        v_c = clipped_mean_std(var_c, good_c, max_samples=2**16)[0]
+        v_u, v_c = variance_level(var_u, good_u), variance_level(var_c, good_c)
     svar, tvar = select(is_t, (v_u, v_c), (v_c, v_u))
     diff = Exposure(
         d_img.astype(img_dtype),

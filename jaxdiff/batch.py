@@ -193,7 +193,8 @@ def run_files(
         items: (template path, science path, `jd.Sources`) triples of one image shape.
         config: a `SubtractConfig` (None: LSST's defaults).
         batch_size: pairs per batch (default: 4 per device).
-        out_dir: folder for the differences, `<science stem>_diff.fits` (default: beside each science file).
+        out_dir: folder for the differences, `<science stem>_diff.fits`, made when missing (default: beside each
+            science file).
         progress: show a tqdm progress bar (in pairs).
 
     Returns:
@@ -205,6 +206,8 @@ def run_files(
     from tqdm.auto import tqdm
 
     items = [(os.fspath(t), os.fspath(s), src) for t, s, src in items]
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
     size = _PER_DEVICE * jax.device_count() if batch_size is None else int(batch_size)
     if size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")

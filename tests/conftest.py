@@ -1,8 +1,13 @@
+import os
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+# The task's persistent compilation cache, shared by `make test` and `make test-slow` (not the user's cache)
+os.environ.setdefault("JAXDIFF_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jaxdiff-xla"))
 
 
 @pytest.fixture

@@ -97,9 +97,9 @@ def test_run_files_reads_ahead_and_reports_failed_pairs(tmp_path):
     from jaxdiff.batch import run_files
 
     items, singles = [], []
-    for i, (st, ss, n) in enumerate([(1.8, 2.2, 15), (2.1, 2.4, 25), (1.6, 2.1, 20)]):
+    for i, (st, ss, n) in enumerate([(1.8, 2.2, 40), (2.1, 2.4, 60), (1.6, 2.1, 50)]):
         p = jd.sim.reference_pair(
-            SHAPE, n_stars=n, seed=40 + i, flux_range=(3000, 8000), template_sigma=st, science_sigma=ss
+            (160, 160), n_stars=n, seed=40 + i, flux_range=(3000, 8000), template_sigma=st, science_sigma=ss
         )
         template = p.template
         if i == 1:
