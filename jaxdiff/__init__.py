@@ -4,6 +4,9 @@ from ._errors import (
     RESULTS as RESULTS,
 )
 from ._errors import (
+    BadSubtractionError as BadSubtractionError,
+)
+from ._errors import (
     InsufficientKernelSourcesError as InsufficientKernelSourcesError,
 )
 from ._errors import (
@@ -37,6 +40,7 @@ from . import spatial as spatial
 from . import stamps as stamps
 from ._background import BackgroundModel as BackgroundModel
 from ._config import SubtractConfig as SubtractConfig
+from ._existing import subtract_with_kernel as subtract_with_kernel
 from ._kernel import SpatialKernel as SpatialKernel
 from ._plan import Plan as Plan
 from ._plan import PlanError as PlanError

@@ -6,6 +6,7 @@ from ._errors import UnsupportedModeError
 from .solvers import LeastSquares, OptaxSolver
 
 MODES = ("convolveTemplate", "convolveScience", "auto")
+FIT_REGIONS = ("auto", "stamps", "image")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,11 @@ class SubtractConfig:
     )
     bad_mask_planes: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "EDGE")
     detection_snr_range: tuple[float, float] = (10.0, 500.0)
+    allow_kernel_source_detection: bool = False  # allowKernelSourceDetection: too few given sources → detect, retry
+    raise_on_bad_subtraction_ratio: bool = False  # detectAndMeasure.raiseOnBadSubtractionRatio (opt-in here)
+    bad_subtraction_ratio_threshold: float = 0.2  # badSubtractionRatioThreshold
+    bad_subtraction_variation_threshold: float = 0.4  # badSubtractionVariationThreshold
+    fit_region: str = "auto"  # (jaxdiff) fit on star "stamps" or the whole overlap ("image"); auto: image iff none fits
 
     def __post_init__(self):
         check_mode(self.mode)
@@ -67,6 +73,7 @@ class SubtractConfig:
             raise ValueError(
                 f"kernel_basis={self.kernel_basis!r} is not allowed; use 'alard-lupton' or 'delta-function'"
             )
+        check_fit_region(self.fit_region)
         if self.spatial_model_type not in ("chebyshev1", "polynomial"):
             raise ValueError(
                 f"spatial_model_type={self.spatial_model_type!r} is not allowed; use 'chebyshev1' or 'polynomial'"
@@ -91,6 +98,11 @@ class SubtractConfig:
     def replace(self, **changes) -> "SubtractConfig":
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+def check_fit_region(fit_region: str) -> None:
+    if fit_region not in FIT_REGIONS:
+        raise ValueError(f"fit_region={fit_region!r} is not allowed; use 'auto', 'stamps' or 'image'")
 
 
 def check_mode(mode: str) -> None:

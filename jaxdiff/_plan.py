@@ -26,6 +26,7 @@ import numpy as np
 from . import basis as _basis
 from ._config import SubtractConfig, check_mode
 from ._exposure import Exposure
+from ._image_fit import resolve_fit_region
 from ._mask import bitmask
 from ._psf import GaussianPsf, GridPsf, ImagePsf, Psf
 from ._sources import Sources, capacity_for
@@ -51,6 +52,7 @@ class Plan:
         n_slots: stamp slots of the fit, one of `SLOT_SIZES` (or a multiple of 1024).
         capacity: length the source list is padded to.
         psf_size: side image PSFs are padded to (None: PSFs are used as given).
+        fit_region: "stamps" or "image" (the kernel fitted on the whole overlap, `_image_fit`).
     """
 
     mode: str
@@ -58,6 +60,7 @@ class Plan:
     n_slots: int
     capacity: int
     psf_size: int | None = None
+    fit_region: str = "stamps"
 
 
 @eqx.filter_jit
@@ -281,7 +284,8 @@ def plan_from(shape, n_sources: int, config: SubtractConfig, widths, psf_size: i
     if _needs_widths(config) and widths is not None and None not in widths[0] + widths[1]:
         k = max(kernel_size_for(config, a, b, mode) for a, b in zip(*widths, strict=True))
     side = 2 * int(k) + 1
-    if side > min(shape):
+    fit_region = resolve_fit_region(config, tuple(shape), int(k))
+    if fit_region == "stamps" and side > min(shape):
         raise ValueError(
             f"kernel size {int(k)} needs ({side}, {side}) stamps, larger than the science image {tuple(shape)}; "
             "use a smaller kernel_size / kernel_size_max / kernel_size_buckets or a larger image"
@@ -289,7 +293,7 @@ def plan_from(shape, n_sources: int, config: SubtractConfig, widths, psf_size: i
     capacity = capacity_for(n_sources)
     wanted = capacity if config.max_kernel_sources < 0 else min(config.max_kernel_sources, capacity)
     n_slots = slot_count(wanted)
-    return Plan(mode=mode, k=int(k), n_slots=n_slots, capacity=capacity, psf_size=psf_size)
+    return Plan(mode=mode, k=int(k), n_slots=n_slots, capacity=capacity, psf_size=psf_size, fit_region=fit_region)
 
 
 def _needs_widths(config: SubtractConfig) -> bool:

@@ -25,6 +25,7 @@ from ._errors import RESULTS
 from ._exposure import Exposure
 from ._finalize import decorrelate_arrays, edge_pixels, variance_level
 from ._fit import FitResult, StampData, fit_kernel
+from ._image_fit import fit_whole_image
 from ._kernel import SpatialKernel
 from ._mask import bitmask, plane_bit
 from ._plan import PRECONVOLUTION_WIDTH, Plan, canonical_psf, convolves_template, coverage, make_plan, width_kwargs
@@ -115,8 +116,11 @@ def subtract_staged(template: Exposure, science: Exposure, sources: Sources, con
         return out
 
     prep = timed("prepare", _jit_prepare, template, science, config, plan)
-    sel = timed("select", _jit_select, prep, sources, config, plan)
-    fitted = timed("fit", _jit_fit, sel, prep.box, config)
+    if plan.fit_region == "image":
+        sel, fitted = timed("fit", _jit_select_fit_image, prep, config, plan)
+    else:
+        sel = timed("select", _jit_select, prep, sources, config, plan)
+        fitted = timed("fit", _jit_fit, sel, prep.box, config)
     return timed("difference", _jit_difference, prep, sel, fitted, config, plan), timings
 
 
@@ -135,10 +139,14 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
     """The traceable subtraction for a fixed plan (not jitted: `subtract` jits it; batches vmap it)."""
     with jax.named_scope("prepare"):
         prep = prepare(template, science, config, plan)
-    with jax.named_scope("select"):
-        sel = select_stamps(prep, sources, config, plan)
-    with jax.named_scope("fit"):
-        fitted = fit(sel, prep.box, config)
+    if plan.fit_region == "image":
+        with jax.named_scope("fit"):
+            sel, fitted = select_fit_image(prep, config, plan)
+    else:
+        with jax.named_scope("select"):
+            sel = select_stamps(prep, sources, config, plan)
+        with jax.named_scope("fit"):
+            fitted = fit(sel, prep.box, config)
     with jax.named_scope("difference"):
         return difference(prep, sel, fitted, config, plan)
 
@@ -402,6 +410,15 @@ class Fitted(NamedTuple):
     fit: FitResult
     kernel: SpatialKernel
     bg_coeffs: jax.Array
+    extra: dict | None = None  # further metadata of the fit (the whole-image fit's pixel counts)
+
+
+def select_fit_image(prep: Prepared, config: SubtractConfig, plan: Plan) -> tuple[Selection, Fitted]:
+    """The select and fit stages for `plan.fit_region == "image"` (`_image_fit`): no stamps (`data` None)."""
+    r = fit_whole_image(prep, config, plan)
+    zero = jnp.zeros((), jnp.int32)
+    sel = Selection(None, r.basis_images, r.factors, None, r.basis_widths, r.basis_code, zero, zero)
+    return sel, Fitted(r.fit, r.kernel, r.bg_coeffs, r.extra)
 
 
 def fit(sel: Selection, box, config: SubtractConfig) -> Fitted:
@@ -530,16 +547,14 @@ def _metadata(prep: Prepared, sel: Selection, fitted: Fitted, cfg: SubtractConfi
     fit_result = fitted.fit
     theta = fit_result.theta
     # the first failure that applies, in the order the shell checks them (ALGORITHM §3, §6, §8)
-    status = jnp.select(
-        [
-            prep.coverage < cfg.required_template_fraction,
-            sel.n_stamps < cfg.min_kernel_sources,
-            jnp.sum(fit_result.active) == 0,
-            ~jnp.all(jnp.isfinite(theta)),
-        ],
-        [RESULTS.no_work, RESULTS.insufficient_sources, RESULTS.no_candidates, RESULTS.nonfinite_solution],
-        RESULTS.successful,
-    ).astype(jnp.int32)
+    stamps = sel.data is not None  # the whole-image fit has no stamps to count
+    checks = [
+        (prep.coverage < cfg.required_template_fraction, RESULTS.no_work),
+        *(((sel.n_stamps < cfg.min_kernel_sources, RESULTS.insufficient_sources),) if stamps else ()),
+        *(((jnp.sum(fit_result.active) == 0, RESULTS.no_candidates),) if stamps else ()),
+        (~jnp.all(jnp.isfinite(theta)), RESULTS.nonfinite_solution),
+    ]
+    status = jnp.select([c for c, _ in checks], [r for _, r in checks], RESULTS.successful).astype(jnp.int32)
     md = dict(
         status=status,
         convolves_template=jnp.asarray(prep.convolves_template),
@@ -565,6 +580,7 @@ def _metadata(prep: Prepared, sel: Selection, fitted: Fitted, cfg: SubtractConfi
         md["template_psf_sigma"], md["science_psf_sigma"] = (jnp.sqrt(0.5 * jnp.sum(w**2)) for w in prep.widths)
     if prep.pre is not None:
         md["n_interpolated"] = prep.pre.n_interpolated
+    md.update(fitted.extra or {})
     return md
 
 
@@ -598,4 +614,5 @@ def _repeated(cx, cy, ok, nx: int):
 _jit_prepare = eqx.filter_jit(prepare)
 _jit_select = eqx.filter_jit(select_stamps)
 _jit_fit = eqx.filter_jit(fit)
+_jit_select_fit_image = eqx.filter_jit(select_fit_image)
 _jit_difference = eqx.filter_jit(difference)
