@@ -19,6 +19,7 @@ from ._exposure import Exposure
 from ._fit import StampData, fit_kernel
 from ._kernel import SpatialKernel
 from ._mask import bitmask, plane_bit
+from ._noise import exposure_source_free
 from ._preconvolve import fill_bad, preconvolution_kernel, preconvolve_science
 from ._prepare import (
     exclusion_bits,
@@ -197,7 +198,7 @@ def subtract_staged(template: Exposure, science: Exposure, sources: Sources, con
         timings[name] = clock() - t0
         return out
 
-    st = timed("prepare", _jit_prepare, t_in, s_in)
+    st = timed("prepare", _jit_prepare, t_in, s_in, sources)
     st = {**st, **timed("select", _jit_select, st, sources)}
     st = {**st, **timed("fit", _jit_fit, st)}
     st = {**st, **timed("convolve", _jit_convolve, st)}
@@ -229,7 +230,7 @@ STAGES = ("prepare", "select", "fit", "convolve", "decorrelate")
 
 def core(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan):
     """The traceable subtraction for a fixed plan (not jitted: callers jit or vmap it)."""
-    st = _stage_prepare(template, science, config, plan)
+    st = _stage_prepare(template, science, sources, config, plan)
     st = _stage_select(st, sources, config, plan)
     st = _stage_fit(st, config, plan)
     st = _stage_convolve(st, config, plan)
@@ -242,7 +243,7 @@ def _frame(template: Exposure, science: Exposure, config: SubtractConfig, plan: 
     return plan.k, plan.k // 2, ny, nx, output_planes(science.mask_planes, template.mask_planes, config)
 
 
-def _stage_prepare(template: Exposure, science: Exposure, config: SubtractConfig, plan: Plan) -> dict:
+def _stage_prepare(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan) -> dict:
     """Variance rescaling, masks, cut-outs and coverage (ALGORITHM §1, §3, §4)."""
     cfg = config
     k, h, ny, nx, out_planes = _frame(template, science, cfg, plan)
@@ -253,18 +254,18 @@ def _stage_prepare(template: Exposure, science: Exposure, config: SubtractConfig
     var_s_raw = None
     template, science = _sentinels_to_nan(template), _sentinels_to_nan(science)
 
-    # --- variance rescaling (§4.1) ---
+    # --- variance rescaling (§4.1), outside source footprints whatever the masks say (_noise) ---
     def rescale(e: Exposure):
-        if not cfg.do_scale_variance:
-            return e.variance, jnp.ones((), sdt), jnp.zeros((), bool)
         bad = bitmask(e.mask_planes, _RESCALE_EXCLUDE)
-        good = (e.mask & bad) == 0
-        f, r_est, l_est, _ = variance_factor(e.image, e.variance, good, always_level=False)
+        good, _ = exposure_source_free(e, (e.mask & bad) == 0, sources)
+        if not cfg.do_scale_variance:
+            return e.variance, jnp.ones((), sdt), jnp.zeros((), bool), good, jnp.zeros((), jnp.int32)
+        f, r_est, l_est, n_used = variance_factor(e.image, e.variance, good, always_level=False)
         fail = (r_est > 10) & (l_est > 10)
-        return e.variance * f.astype(e.variance.dtype), f.astype(sdt), fail
+        return e.variance * f.astype(e.variance.dtype), f.astype(sdt), fail, good, n_used.astype(jnp.int32)
 
-    var_t, factor_t, fail_t = rescale(template)
-    var_s, factor_s, fail_s = rescale(science)
+    var_t, factor_t, fail_t, free_t, n_var_t = rescale(template)
+    var_s, factor_s, fail_s, free_s, n_var_s = rescale(science)
 
     # --- masks (§4.2) and template cut-out on the science box grown by h (§1) ---
     mask_s = prepare_science_mask(science.mask, science.mask_planes, out_planes)
@@ -295,6 +296,7 @@ def _stage_prepare(template: Exposure, science: Exposure, config: SubtractConfig
     )
     crop = (slice(h, h + ny), slice(h, h + nx))
     t_img, t_var, t_mask, t_inside = tg_img[crop], tg_var[crop], tg_mask[crop], tg_inside[crop]
+    free_t = lax.dynamic_slice(free_t, (offset[0], offset[1]), (ny, nx))  # the source-free template pixels
 
     # --- coverage (§3) ---
     nodata_val = 0 if nodata_bit is None else (1 << nodata_bit)
@@ -310,6 +312,10 @@ def _stage_prepare(template: Exposure, science: Exposure, config: SubtractConfig
         var_s=var_s,
         factor_s=factor_s,
         fail_s=fail_s,
+        free_s=free_s,
+        free_t=free_t,
+        n_var_s=n_var_s,
+        n_var_t=n_var_t,
         mask_s=mask_s,
         mask_t=mask_t,
         pre=pre,
@@ -592,8 +598,8 @@ def _stage_decorrelate(st: dict, config: SubtractConfig, plan: Plan) -> Subtract
     tg_img = st["tg_img"]
     img_dtype = tg_img.dtype
     # --- decorrelation (§11) ---
-    good_s = standard_good(science.image, var_s, diff_mask, out_planes)
-    good_t = standard_good(t_img, t_var, diff_mask, out_planes)
+    good_s = standard_good(science.image, var_s, diff_mask, out_planes) & st["free_s"]  # no source footprints
+    good_t = standard_good(t_img, t_var, diff_mask, out_planes) & st["free_t"]
     good_u, good_c = (good_s, good_t) if plan.mode == "convolveTemplate" else (good_t, good_s)
     if cfg.do_decorrelation:
         from ._finalize import decorrelate_arrays, edge_pixels
@@ -652,6 +658,8 @@ def _stage_decorrelate(st: dict, config: SubtractConfig, plan: Plan) -> Subtract
         science_variance_factor=factor_s,
         template_variance_factor=factor_t,
         variance_factor_failed=fail_s | fail_t,
+        science_variance_pixels=st["n_var_s"],
+        template_variance_pixels=st["n_var_t"],
         svar=svar,
         tvar=tvar,
     )
