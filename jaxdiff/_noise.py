@@ -45,7 +45,13 @@ DEFAULT_SIGMA = 2.0  # PSF σ (pixels) assumed for an image without a PSF
 MIN_FREE_FRACTION = 0.01  # below this fraction of usable pixels outside the footprints, exclude nothing
 MAX_PIXELS = 2**18  # block size b = ⌈√(n_pixels / MAX_PIXELS)⌉, as the stride of `variance_factor`
 _BACKGROUND_BIN = 32
-NOT_DATA = ("BAD", "SAT", "NO_DATA", "INTRP", "CR")  # mask planes whose pixels the detection does not read  # background bins, in blocks
+NOT_DATA = (
+    "BAD",
+    "SAT",
+    "NO_DATA",
+    "INTRP",
+    "CR",
+)  # mask planes whose pixels the detection does not read  # background bins, in blocks
 
 
 def block_size(shape: tuple[int, int], max_pixels: int = MAX_PIXELS) -> int:
