@@ -66,7 +66,7 @@ def _psf_from_array(data, name: str) -> ImagePsf:
 
 
 def poisson_variance(image, gain: float, read_noise: float = 0.0):
-    """Per-pixel variance in counts² of an image in counts (not sky-subtracted): max(image, 0)/gain + (read_noise/gain)².
+    """Variance (counts²) of an image in counts, not sky-subtracted: max(image, 0)/gain + (read_noise/gain)².
 
     Arguments:
         image: counts (ADU).
