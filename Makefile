@@ -41,7 +41,7 @@ test-slow: $(STAMP)
 
 # The oldest supported versions: Python 3.11 and every dependency at its pyproject floor (pins in
 # .ci/oldest-constraints.txt; pip has no lowest-version resolution), then the fast tests. A hung test fails after
-# 300 s (pytest-timeout). CI runs it after the tests marked slow.
+# 300 s (pytest-timeout). The notebooks (they need the dask extra) are left to `make test`. CI runs it last.
 OLDEST_PYTHON ?= 3.11
 OLDEST_VENV ?= .venv-oldest
 OLDEST_BOOT := $(shell for c in $$(ls -d $$(pyenv root 2>/dev/null)/versions/$(OLDEST_PYTHON).*/bin/python$(OLDEST_PYTHON) \
@@ -55,7 +55,7 @@ $(OLDEST_VENV)/.installed: pyproject.toml .ci/oldest-constraints.txt
 	@touch $@
 
 test-oldest: $(OLDEST_VENV)/.installed
-	JAXDIFF_OLDEST=1 $(OLDEST_VENV)/bin/python -m pytest -n 2 --timeout 300 $(PYTEST_ARGS)
+	JAXDIFF_OLDEST=1 $(OLDEST_VENV)/bin/python -m pytest -n 2 --timeout 300 -m "not slow and not notebooks" $(PYTEST_ARGS)
 
 # Peers (SFFT, OIS) for the side-by-side benchmark; OIS builds a C extension that needs numpy at build time.
 # A failed peer install is reported and the benchmark then marks that peer as skipped.

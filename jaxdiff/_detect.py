@@ -52,7 +52,10 @@ def detect_sources(exposure, bad_bits: int, snr_range=(10.0, 500.0), max_sources
         `Sources` in parent coordinates with the matched-filter flux; an empty list when nothing is found.
     """
     if exposure.psf is None:
-        raise ValueError("sources=None needs a science PSF to find kernel stars; pass a source list or a PSF")
+        raise ValueError(
+            "sources=None needs a science PSF to find kernel stars; pass a source list or a PSF "
+            "(jd.estimate_psf measures one on the image; jd.exposure_from_arrays does it for plain arrays)"
+        )
     bad = (exposure.mask & bad_bits) != 0
     snr, flux = _snr_map(exposure.image, exposure.variance, bad, exposure.psf.image())
     peaks = _peaks(snr)
