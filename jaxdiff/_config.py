@@ -34,6 +34,7 @@ class SubtractConfig:
     kernel_size_fwhm_scaling: float = 6.0  # kernelSizeFwhmScaling
     kernel_size_min: int = 21  # kernelSizeMin
     kernel_size_max: int = 35  # kernelSizeMax
+    kernel_size_buckets: tuple[int, ...] = (21, 27, 35)  # (jaxdiff) sizes the FWHM rule rounds up to: one program each
     orthonormalize_basis: bool = True  # (jaxdiff)
     spatial_model_type: str = "chebyshev1"  # spatialModelType
     spatial_kernel_order: int = 1  # spatialKernelOrder
@@ -77,6 +78,8 @@ class SubtractConfig:
         for name in ("kernel_size", "kernel_size_min", "kernel_size_max"):
             if getattr(self, name) % 2 == 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be odd")
+        if any(int(b) % 2 == 0 or int(b) < 3 for b in self.kernel_size_buckets):
+            raise ValueError(f"kernel_size_buckets={self.kernel_size_buckets} must hold odd sizes of at least 3")
         if not isinstance(self.solver, LeastSquares | OptaxSolver):
             raise ValueError(f"solver must be jd.LeastSquares() or jd.OptaxSolver(...), got {self.solver!r}")
         # tuples keep the config hashable even when lists are passed
