@@ -369,7 +369,8 @@ def _detections(difference):
 
     bad = bitmask(difference.mask_planes, SubtractConfig().bad_mask_planes)
     found = detect_sources(difference, bad, (_DETECT_SNR, math.inf))
-    return tuple(np.asarray(a) for a in jax.device_get((found.x, found.y, found.flux)))
+    x, y, flux, valid = (np.asarray(a) for a in jax.device_get((found.x, found.y, found.flux, found.valid)))
+    return x[valid], y[valid], flux[valid]  # detect_sources pads its list with invalid entries
 
 
 def _match(truth_x, truth_y, x, y, radius: float):
