@@ -13,7 +13,7 @@ LSST_CHECK = @$(PY) -c 'import sys; sys.version_info >= (3, 12) or print("*** LS
 skipped: no Python 3.12 (the venv has %d.%d); make clean && make test with a Python 3.12 on PATH or pyenv ***" \
 % sys.version_info[:2])'
 
-.PHONY: env demo test test-all test-slow bench lint format clean
+.PHONY: env demo test test-all test-slow test-oldest bench lint format clean
 
 env: $(STAMP)
 
@@ -39,6 +39,24 @@ test-all: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -m slow $(PYTEST_ARGS)
 
+# The oldest supported versions: Python 3.11 and every dependency at its pyproject floor (pins in
+# .ci/oldest-constraints.txt; pip has no lowest-version resolution), then the fast tests. A hung test fails after
+# 300 s (pytest-timeout). The notebooks (they need the dask extra) are left to `make test`. CI runs it last.
+OLDEST_PYTHON ?= 3.11
+OLDEST_VENV ?= .venv-oldest
+OLDEST_BOOT := $(shell for c in $$(ls -d $$(pyenv root 2>/dev/null)/versions/$(OLDEST_PYTHON).*/bin/python$(OLDEST_PYTHON) \
+	2>/dev/null) python$(OLDEST_PYTHON); do if $$c --version >/dev/null 2>&1; then echo $$c; break; fi; done)
+
+$(OLDEST_VENV)/.installed: pyproject.toml .ci/oldest-constraints.txt
+	@test -n "$(OLDEST_BOOT)" || { echo "make test-oldest: no Python $(OLDEST_PYTHON) found (pyenv or PATH)"; exit 1; }
+	@test -x $(OLDEST_VENV)/bin/python || $(OLDEST_BOOT) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install -q --disable-pip-version-check -c .ci/oldest-constraints.txt -e '.[test]'
+	@touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	JAXDIFF_OLDEST=1 $(OLDEST_VENV)/bin/python -m pytest -n 2 --timeout 300 -m "not slow and not notebooks" $(PYTEST_ARGS)
+
 # Peers (SFFT, OIS) for the side-by-side benchmark; OIS builds a C extension that needs numpy at build time.
 # A failed peer install is reported and the benchmark then marks that peer as skipped.
 $(VENV)/.peers: $(STAMP)
@@ -61,4 +79,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix jaxdiff tests benchmarks
 
 clean:
-	rm -rf $(VENV) demo_output benchmarks/results
+	rm -rf $(VENV) $(OLDEST_VENV) demo_output benchmarks/results

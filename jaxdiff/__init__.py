@@ -1,5 +1,6 @@
 """jaxdiff: Alard–Lupton PSF-matched image subtraction in JAX."""
 
+from ._align import align_template as align_template
 from ._errors import (
     RESULTS as RESULTS,
 )
@@ -19,6 +20,8 @@ from ._errors import (
     UnsupportedModeError as UnsupportedModeError,
 )
 from ._exposure import Exposure as Exposure
+from ._inputs import estimate_psf as estimate_psf
+from ._inputs import exposure_from_arrays as exposure_from_arrays
 from ._io import read_exposure as read_exposure
 from ._io import write_exposure as write_exposure
 from ._mask import MASK_PLANES as MASK_PLANES

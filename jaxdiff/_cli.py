@@ -64,10 +64,50 @@ def _build_parser() -> argparse.ArgumentParser:
         help="kernel stars: any astropy-readable table (FITS, ECSV, CSV) with x,y or "
         "slot_Centroid_x/slot_Centroid_y columns (parent pixels); default: found on the science image",
     )
-    sub.add_argument("--mode", choices=_MODES, default="auto", help="which image to convolve (default: auto)")
+    sub.add_argument("--mode", choices=_MODES, default=None, help="which image to convolve (default: auto)")
     sub.add_argument(
-        "--solver", choices=_SOLVERS, default="lstsq", help="kernel solver: closed form or optax (default: lstsq)"
+        "--solver", choices=_SOLVERS, default=None, help="kernel solver: closed form or optax (default: lstsq)"
     )
+    sub.add_argument(
+        "--config",
+        metavar="FILE",
+        help="SubtractConfig fields from a TOML or YAML mapping (field = value); options given here override it",
+    )
+    sub.add_argument(
+        "--align",
+        action="store_true",
+        help="resample the template onto the science image's WCS first (reproject; both need a celestial WCS)",
+    )
+    for role in ("science", "template"):
+        sub.add_argument(
+            f"--{role}-psf",
+            metavar="PSF",
+            help=f"{role} PSF: a FWHM in pixels or a PSF FITS image (default: the file's PSF HDU, else measured "
+            "on the image's bright isolated stars)",
+        )
+        sub.add_argument(
+            f"--{role}-gain",
+            type=float,
+            metavar="E_PER_ADU",
+            help=f"{role} gain: the variance becomes max(image, 0)/gain + (read noise/gain)^2 (sources' Poisson "
+            "noise included; the image must not be sky-subtracted)",
+        )
+        sub.add_argument(
+            f"--{role}-read-noise", type=float, default=0.0, metavar="E", help=f"{role} read noise in electrons"
+        )
+        sub.add_argument(
+            f"--{role}-saturation", type=float, metavar="ADU", help=f"{role} pixels at or above this are SAT"
+        )
+        sub.add_argument(
+            f"--{role}-valid",
+            type=float,
+            nargs=2,
+            metavar=("LO", "HI"),
+            help=f"{role} pixels outside [LO, HI] are NO_DATA",
+        )
+        sub.add_argument(
+            f"--{role}-mask", metavar="MASK.fits", help=f"{role} mask image (FITS): non-zero pixels are BAD"
+        )
     sub.add_argument("--no-decorrelate", action="store_true", help="skip the decorrelation afterburner")
     sub.add_argument(
         "--subtract-background",
@@ -157,7 +197,8 @@ def _check_output(path: str, what: str) -> None:
         raise _Failure(f"cannot write the {what} {path}: directory {parent} does not exist")
 
 
-def _read_image(path: str, what: str):
+def _read_image(path: str, what: str, args=None):
+    from ._inputs import with_options
     from ._io import read_exposure
 
     try:
@@ -166,7 +207,40 @@ def _read_image(path: str, what: str):
         raise _Failure(f"cannot read the {what} image: {err}") from err
     if not np.any(np.isfinite(np.asarray(exposure.image))):
         raise _Failure(f"the {what} image {path} has no finite pixels (all NaN or infinite)")
-    return exposure
+    if args is None:
+        return exposure
+    opt = {key: getattr(args, f"{what}_{key}") for key in ("psf", "gain", "read_noise", "saturation", "valid", "mask")}
+    mask = None if opt["mask"] is None else _read_mask(opt["mask"], what)
+    valid = opt["valid"] or (None, None)
+    try:
+        return with_options(
+            exposure,
+            name=f"{what} image {path}",
+            psf=opt["psf"],
+            gain=opt["gain"],
+            read_noise=opt["read_noise"],
+            saturation=opt["saturation"],
+            valid_min=valid[0],
+            valid_max=valid[1],
+            mask=mask,
+        )
+    except ValueError as err:
+        raise _Failure(str(err)) from err
+
+
+def _read_mask(path: str, what: str):
+    from astropy.io import fits
+
+    if not os.path.isfile(path):
+        raise _Failure(f"cannot read the {what} mask {path}: no such file")
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            hdu = next((h for h in hdul if h.is_image and h.data is not None), None)
+            if hdu is None:
+                raise _Failure(f"the {what} mask {path} holds no image")
+            return np.asarray(hdu.data)
+    except OSError as err:
+        raise _Failure(f"cannot read the {what} mask {path}: {err}") from err
 
 
 def _read_table(path: str):
@@ -234,15 +308,31 @@ def _subtract(args) -> int:
     for path, what in outputs:
         _check_output(path, what)
     t0 = time.perf_counter()
-    science = _read_image(args.science, "science")
-    template = _read_image(args.template, "template")
+    science = _read_image(args.science, "science", args)
+    template = _read_image(args.template, "template", args)
+    if args.align:
+        from ._align import align_template
+
+        try:
+            template = align_template(template, science)
+        except ValueError as err:
+            raise _Failure(f"cannot align the template {args.template}: {err}") from err
     sources = None if args.sources is None else _read_sources(args.sources, science)
-    config = SubtractConfig(
-        mode=args.mode,
-        solver=_solver(args.solver),
-        do_decorrelation=not args.no_decorrelate,
-        do_subtract_background=args.subtract_background,
-    )
+    config = SubtractConfig(mode="auto")
+    if args.config is not None:
+        from ._inputs import config_from_file
+
+        config = config_from_file(args.config, config)
+    overrides = {}
+    if args.mode is not None:
+        overrides["mode"] = args.mode
+    if args.solver is not None:
+        overrides["solver"] = _solver(args.solver)
+    if args.no_decorrelate:
+        overrides["do_decorrelation"] = False
+    if args.subtract_background:
+        overrides["do_subtract_background"] = True
+    config = config.replace(**overrides) if overrides else config
     result = AlardLuptonSubtract(config).run(template, science, sources)
     # everything that can fail on the data happens before the first file is written
     figure = None if args.plot is None else diagnostic_figure(science, template, result)
@@ -256,7 +346,7 @@ def _subtract(args) -> int:
     md = result.metadata
     ny, nx = science.shape
     print(f"{_PROG}: wrote {args.output} ({nx}×{ny} difference)")
-    print(f"  mode          {md['mode']} ({'not ' if args.no_decorrelate else ''}decorrelated)")
+    print(f"  mode          {md['mode']} ({'' if config.do_decorrelation else 'not '}decorrelated)")
     print(f"  kernel stars  {md['n_stamps_used']} of {md['n_stamps']} stamps used")
     print(f"  kernel sum    {md['kernel_sum']:.5f}")
     print(f"  residuals     mean {md['residual_mean']:+.3f}, std {md['residual_std']:.3f} (stamp pixels / σ)")
@@ -279,7 +369,8 @@ def _detections(difference):
 
     bad = bitmask(difference.mask_planes, SubtractConfig().bad_mask_planes)
     found = detect_sources(difference, bad, (_DETECT_SNR, math.inf))
-    return tuple(np.asarray(a) for a in jax.device_get((found.x, found.y, found.flux)))
+    x, y, flux, valid = (np.asarray(a) for a in jax.device_get((found.x, found.y, found.flux, found.valid)))
+    return x[valid], y[valid], flux[valid]  # detect_sources pads its list with invalid entries
 
 
 def _match(truth_x, truth_y, x, y, radius: float):

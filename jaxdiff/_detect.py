@@ -62,7 +62,10 @@ def detect_sources(exposure, bad_bits: int, snr_range=(10.0, 500.0), max_sources
         `SOURCE_CAPACITY` so that the count is no shape; no valid entry when nothing is found.
     """
     if exposure.psf is None:
-        raise ValueError("sources=None needs a science PSF to find kernel stars; pass a source list or a PSF")
+        raise ValueError(
+            "sources=None needs a science PSF to find kernel stars; pass a source list or a PSF "
+            "(jd.estimate_psf measures one on the image; jd.exposure_from_arrays does it for plain arrays)"
+        )
     maps = _detection_maps(dataclasses.replace(exposure, wcs=None), bad_bits)
     snr, flux, peaks = (np.asarray(a) for a in jax.device_get(maps))
     sel = peaks & (snr > snr_range[0]) & (snr < snr_range[1])

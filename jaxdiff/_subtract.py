@@ -28,6 +28,7 @@ from ._fit import FitResult, StampData, fit_kernel
 from ._image_fit import fit_whole_image
 from ._kernel import SpatialKernel
 from ._mask import bitmask, plane_bit
+from ._noise import exposure_source_free
 from ._plan import PRECONVOLUTION_WIDTH, Plan, canonical_psf, convolves_template, coverage, make_plan, width_kwargs
 from ._preconvolve import Preconvolved, fill_bad, preconvolve_science
 from ._prepare import exclusion_bits, output_planes, padded_cut, prepare_science_mask, prepare_template_mask
@@ -115,7 +116,7 @@ def subtract_staged(template: Exposure, science: Exposure, sources: Sources, con
         timings[name] = clock() - t0
         return out
 
-    prep = timed("prepare", _jit_prepare, template, science, config, plan)
+    prep = timed("prepare", _jit_prepare, template, science, config, plan, sources)
     if plan.fit_region == "image":
         sel, fitted = timed("fit", _jit_select_fit_image, prep, config, plan)
     else:
@@ -138,7 +139,7 @@ def restore_wcs(result: SubtractResult, wcs) -> SubtractResult:
 def core(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan):
     """The traceable subtraction for a fixed plan (not jitted: `subtract` jits it; batches vmap it)."""
     with jax.named_scope("prepare"):
-        prep = prepare(template, science, config, plan)
+        prep = prepare(template, science, config, plan, sources)
     if plan.fit_region == "image":
         with jax.named_scope("fit"):
             sel, fitted = select_fit_image(prep, config, plan)
@@ -187,9 +188,13 @@ class Prepared(NamedTuple):
     factors: jax.Array  # (template, science) variance factors
     factor_failed: jax.Array
     n_noise_pixels: jax.Array  # (template, science) pixels used by the variance estimate
+    free_s: jax.Array  # science pixels outside source footprints (`_noise`), for svar
+    free_t: jax.Array  # template pixels on the science box outside source footprints, for tvar
 
 
-def prepare(template: Exposure, science: Exposure, config: SubtractConfig, plan: Plan) -> Prepared:
+def prepare(
+    template: Exposure, science: Exposure, config: SubtractConfig, plan: Plan, sources: Sources | None = None
+) -> Prepared:
     """Variance rescaling, masks, cut-outs, coverage and the mode decision (ALGORITHM §1–§4)."""
     cfg = config
     h = plan.k // 2
@@ -207,8 +212,8 @@ def prepare(template: Exposure, science: Exposure, config: SubtractConfig, plan:
         widths = (jnp.stack(template.psf.sigma_xy()), jnp.stack(science.psf.sigma_xy()))
     is_t = convolves_template(plan.mode, *(widths or (None, None)))
 
-    var_t, f_t, fail_t, n_t = _rescaled_variance(template, cfg)
-    var_s, f_s, fail_s, n_s = _rescaled_variance(science, cfg)
+    var_t, f_t, fail_t, n_t, free_t = _rescaled_variance(template, cfg, sources)
+    var_s, f_s, fail_s, n_s, free_s = _rescaled_variance(science, cfg, sources)
 
     mask_s = prepare_science_mask(science.mask, science.mask_planes, out_planes)
     mask_t = prepare_template_mask(template.mask, template.mask_planes, out_planes, cfg)
@@ -253,18 +258,22 @@ def prepare(template: Exposure, science: Exposure, config: SubtractConfig, plan:
         factors=jnp.stack([f_t, f_s]),
         factor_failed=fail_t | fail_s,
         n_noise_pixels=jnp.stack([n_t, n_s]),
+        free_s=free_s,
+        free_t=lax.dynamic_slice(free_t, (offset[0], offset[1]), (ny, nx)),
     )
 
 
-def _rescaled_variance(e: Exposure, cfg: SubtractConfig):
-    """(variance × factor, factor, both estimates failed, pixels used) per §4.1 (factor 1 when turned off)."""
+def _rescaled_variance(e: Exposure, cfg: SubtractConfig, sources: Sources | None):
+    """(variance × factor, factor, both estimates failed, pixels used, source-free pixels) per §4.1 (factor 1
+    when turned off), estimated outside source footprints whatever the masks say (`_noise`)."""
     sdt = solve_dtype()
-    if not cfg.do_scale_variance:
-        return e.variance, jnp.ones((), sdt), jnp.zeros((), bool), jnp.zeros((), jnp.int32)
     good = (e.mask & bitmask(e.mask_planes, _RESCALE_EXCLUDE)) == 0
+    good, _ = exposure_source_free(e, good, sources)
+    if not cfg.do_scale_variance:
+        return e.variance, jnp.ones((), sdt), jnp.zeros((), bool), jnp.zeros((), jnp.int32), good
     f, r_est, l_est, n_good = variance_factor(e.image, e.variance, good, always_level=False)
     fail = (r_est > 10) & (l_est > 10)
-    return e.variance * f.astype(e.variance.dtype), f.astype(sdt), fail, jnp.asarray(n_good, jnp.int32)
+    return e.variance * f.astype(e.variance.dtype), f.astype(sdt), fail, jnp.asarray(n_good, jnp.int32), good
 
 
 class Roles(NamedTuple):
@@ -508,8 +517,8 @@ def difference(prep: Prepared, sel: Selection, fitted: Fitted, config: SubtractC
     var_u, var_c = select(is_t, (prep.var_s_raw, t_box.variance), (t_box.variance, prep.var_s))
 
     # --- decorrelation (§11) ---
-    good_s = standard_good(science.image, prep.var_s, diff_mask, out_planes)
-    good_t = standard_good(t_box.image, t_box.variance, diff_mask, out_planes)
+    good_s = standard_good(science.image, prep.var_s, diff_mask, out_planes) & prep.free_s  # no source footprints
+    good_t = standard_good(t_box.image, t_box.variance, diff_mask, out_planes) & prep.free_t
     good_u, good_c = select(is_t, (good_s, good_t), (good_t, good_s))
     if cfg.do_decorrelation:
         d_img, d_var, psf_diff, v_u, v_c = decorrelate_arrays(
@@ -573,6 +582,8 @@ def _metadata(prep: Prepared, sel: Selection, fitted: Fitted, cfg: SubtractConfi
         template_variance_factor=prep.factors[0],
         science_variance_factor=prep.factors[1],
         variance_factor_failed=prep.factor_failed,
+        template_variance_pixels=prep.n_noise_pixels[0],
+        science_variance_pixels=prep.n_noise_pixels[1],
         basis_sigmas=sel.basis_widths,
         basis_mode_code=sel.basis_code,
     )

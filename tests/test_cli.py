@@ -181,6 +181,8 @@ def test_demo_recovers_transients_and_writes_its_files(tmp_path, capsys):
     assert injected == 5 and found >= 4
     ratio = float(line.split("PSF flux ")[1])
     assert 0.85 < ratio < 1.15
+    (others,) = [line for line in out.splitlines() if "other detections" in line]
+    assert int(others.split()[2]) <= 5  # padding of the detection list is no detection (was 977 at 1024²)
     for word in ("simulating", "subtracting", "writing", "kernel sum", "with compilation"):
         assert word in out
     diff = jd.read_exposure(outdir / "difference.fits")

@@ -6,6 +6,8 @@ widths, so the plan (kernel size) is made from concrete values and `jd.subtract`
 exposures and that plan. Finite-difference steps are small enough to change no selection (stamps, rejection, rounding).
 """
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ def _pair():
     # the global normal matrix singular, and the pseudo-inverse is not differentiable there).
     # σ 1.6 → 2.6: the first basis width √(2.6² − 1.6²)/2 ≈ 1.02 is above its 0.7 floor, so the basis
     # (and the difference) depends on both PSF widths.
-    return jd.sim.reference_pair(
+    pair = jd.sim.reference_pair(
         (192, 192),
         n_stars=60,
         seed=1,
@@ -31,6 +33,15 @@ def _pair():
         flux_range=(4000, 9000),
         template_border=8,
     )
+    # Away from the stars the simulated variance is exactly n²: the clipped variance levels (svar, tvar, taken
+    # outside source footprints) would then have a zero-width clipping window, which any step leaves, so finite
+    # differences would see no dependence where the gradient (at the tie) does. A 5 % jitter breaks the tie.
+    rng = np.random.default_rng(3)
+
+    def jitter(e):
+        return eqx.tree_at(lambda x: x.variance, e, e.variance * (1 + 0.05 * rng.uniform(size=e.shape)))
+
+    return dataclasses.replace(pair, template=jitter(pair.template), science=jitter(pair.science))
 
 
 def _objectives(config: jd.SubtractConfig):

@@ -8,9 +8,22 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxdiff"
 LAYERS = {
     1: {"_types", "_errors", "_mask", "_runtime"},
     2: {"spatial", "basis", "stamps", "convolve", "solvers", "decorrelate", "_stats"},
-    3: {"_psf", "_exposure", "_sources", "_kernel", "_background", "_config", "_result"},
+    3: {"_psf", "_exposure", "_sources", "_kernel", "_background", "_config", "_result", "_noise"},
     4: {"_plan", "_subtract", "_fit", "_prepare", "_preconvolve", "_finalize", "_image_fit", "_existing"},
-    5: {"_task", "_io", "_sim", "_sim_cutouts", "_plot", "_detect", "_quality", "real", "batch", "forward"},
+    5: {
+        "_task",
+        "_io",
+        "_sim",
+        "_sim_cutouts",
+        "_plot",
+        "_detect",
+        "_quality",
+        "real",
+        "batch",
+        "forward",
+        "_inputs",
+        "_align",
+    },
     6: {"_cli", "__main__", "__init__", "sim", "lsst"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
