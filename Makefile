@@ -45,7 +45,8 @@ WHEEL_TEST ?= build/wheel-test
 
 # The documentation site (site/): MkDocs in strict mode, so a broken link, reference or failing example fails.
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 JAXDIFF_DATA_MIRROR=$(DATA_MIRROR) JAXDIFF_FIGURE_DIR=$(CURDIR)/build/docs-examples $(PY) -m mkdocs build --strict
+	PATH=$(abspath $(VENV))/bin:$$PATH NO_MKDOCS_2_WARNING=1 JAXDIFF_DATA_MIRROR=$(DATA_MIRROR) \
+		JAXDIFF_FIGURE_DIR=$(CURDIR)/build/docs-examples $(PY) -m mkdocs build --strict
 
 docs-serve: $(STAMP)
 	JAXDIFF_DATA_MIRROR=$(DATA_MIRROR) $(PY) -m mkdocs serve
