@@ -45,7 +45,7 @@ WHEEL_TEST ?= build/wheel-test
 
 # The documentation site (site/): MkDocs in strict mode, so a broken link, reference or failing example fails.
 docs: $(STAMP)
-	PATH=$(abspath $(VENV))/bin:$$PATH NO_MKDOCS_2_WARNING=1 JAXDIFF_DATA_MIRROR=$(DATA_MIRROR) \
+	PATH=$(abspath $(VENV))/bin:$$PATH PYTHONPATH=$(CURDIR) NO_MKDOCS_2_WARNING=1 JAXDIFF_DATA_MIRROR=$(DATA_MIRROR) \
 		JAXDIFF_FIGURE_DIR=$(CURDIR)/build/docs-examples $(PY) -m mkdocs build --strict
 
 docs-serve: $(STAMP)
