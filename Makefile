@@ -72,8 +72,11 @@ $(VENV)/.peers: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[peers]' \
 		&& touch $@ || echo "make bench: peer packages did not install; peers will be reported as skipped"
 
+# Warm single pairs beside SFFT, OIS and HOTPANTS (run.py), then a stream of distinct pairs through the task in
+# fresh processes, cold and with the persistent compilation cache, beside HOTPANTS (stream.py).
 bench: $(STAMP) $(VENV)/.peers
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/stream.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check jaxdiff tests benchmarks

@@ -39,6 +39,9 @@ from . import stamps as stamps
 from ._background import BackgroundModel as BackgroundModel
 from ._config import SubtractConfig as SubtractConfig
 from ._kernel import SpatialKernel as SpatialKernel
+from ._plan import Plan as Plan
+from ._plan import PlanError as PlanError
+from ._plan import make_plan as make_plan
 from ._result import SubtractResult as SubtractResult
 from ._subtract import subtract as subtract
 from ._task import AlardLuptonSubtract as AlardLuptonSubtract

@@ -87,6 +87,11 @@ class SubtractConfig:
     )
     kernel_size_min: int = _field(21, "kernelSizeMin", "Smallest derived kernel side (odd).")
     kernel_size_max: int = _field(35, "kernelSizeMax", "Largest derived kernel side (odd).")
+    kernel_size_buckets: tuple[int, ...] = _field(
+        (21, 27, 35),
+        None,
+        "Odd kernel sides the FWHM rule rounds up to, so that few programs are compiled (one per size).",
+    )
     orthonormalize_basis: bool = _field(
         True, None, "Orthonormalise the AL basis (same span and kernel, better conditioned normal equations)."
     )
@@ -169,6 +174,8 @@ class SubtractConfig:
         for name in ("kernel_size", "kernel_size_min", "kernel_size_max"):
             if getattr(self, name) % 2 == 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be odd")
+        if any(int(b) % 2 == 0 or int(b) < 3 for b in self.kernel_size_buckets):
+            raise ValueError(f"kernel_size_buckets={self.kernel_size_buckets} must hold odd sizes of at least 3")
         if not isinstance(self.solver, LeastSquares | OptaxSolver):
             raise ValueError(f"solver must be jd.LeastSquares() or jd.OptaxSolver(...), got {self.solver!r}")
         # tuples keep the config hashable even when lists are passed

@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._sources import Sources
+from ._sources import Sources, capacity_for
 from ._stats import median_background, usable
 
 
-@jax.jit
 def _snr_map(image, variance, mask_bad, psf_image):
     """PSF matched-filter S/N (P̃ ∗ I)/√(P̃² ∗ V) after a 128-px-cell median background."""
     good = usable(image, variance) & ~mask_bad
@@ -33,10 +32,16 @@ def _snr_map(image, variance, mask_bad, psf_image):
     return jnp.where(good, snr, 0.0), flux
 
 
-@jax.jit
 def _peaks(snr):
     local_max = lax.reduce_window(snr, -jnp.inf, lax.max, (3, 3), (1, 1), "SAME")
     return snr >= local_max
+
+
+@jax.jit
+def _detection_maps(image, variance, mask_bad, psf_image):
+    """(S/N, flux, local-maximum flag) maps in one compiled program."""
+    snr, flux = _snr_map(image, variance, mask_bad, psf_image)
+    return snr, flux, _peaks(snr)
 
 
 def detect_sources(exposure, bad_bits: int, snr_range=(10.0, 500.0), max_sources: int = -1) -> Sources:
@@ -49,14 +54,14 @@ def detect_sources(exposure, bad_bits: int, snr_range=(10.0, 500.0), max_sources
         max_sources: keep at most this many (−1: all).
 
     Returns:
-        `Sources` in parent coordinates with the matched-filter flux; an empty list when nothing is found.
+        `Sources` in parent coordinates with the matched-filter flux, padded (valid=False) to a multiple of
+        `SOURCE_CAPACITY` so that the count is no shape; no valid entry when nothing is found.
     """
     if exposure.psf is None:
         raise ValueError("sources=None needs a science PSF to find kernel stars; pass a source list or a PSF")
     bad = (exposure.mask & bad_bits) != 0
-    snr, flux = _snr_map(exposure.image, exposure.variance, bad, exposure.psf.image())
-    peaks = _peaks(snr)
-    snr, flux, peaks = (np.asarray(a) for a in jax.device_get((snr, flux, peaks)))
+    maps = _detection_maps(exposure.image, exposure.variance, bad, exposure.psf.image())
+    snr, flux, peaks = (np.asarray(a) for a in jax.device_get(maps))
     sel = peaks & (snr > snr_range[0]) & (snr < snr_range[1])
     rows, cols = np.nonzero(sel)
     order = np.argsort(-snr[rows, cols], kind="stable")
@@ -64,4 +69,5 @@ def detect_sources(exposure, bad_bits: int, snr_range=(10.0, 500.0), max_sources
         order = order[:max_sources]
     rows, cols = rows[order], cols[order]
     x0, y0 = (int(v) for v in np.asarray(exposure.xy0))
-    return Sources(cols.astype(np.float64) + x0, rows.astype(np.float64) + y0, flux[rows, cols].astype(np.float64))
+    found = Sources(cols.astype(np.float64) + x0, rows.astype(np.float64) + y0, flux[rows, cols].astype(np.float64))
+    return found.padded(capacity_for(len(rows)))

@@ -37,6 +37,7 @@ class RESULTS(enum.IntEnum):
     insufficient_sources = 1
     no_candidates = 2
     nonfinite_solution = 3
+    no_work = 4
 
     @property
     def message(self) -> str:
@@ -48,4 +49,5 @@ _MESSAGES = {
     RESULTS.insufficient_sources: "too few usable kernel sources",
     RESULTS.no_candidates: "no kernel candidate survived rejection",
     RESULTS.nonfinite_solution: "the kernel solution is not finite",
+    RESULTS.no_work: "the template covers less of the science image than required_template_fraction",
 }

@@ -68,16 +68,6 @@ class Exposure(eqx.Module):
             mask = mask.astype(jnp.int32)
             if mask.shape != image.shape:
                 raise ValueError(f"mask shape {tuple(mask.shape)} does not match image shape {tuple(image.shape)}")
-        if is_concrete(variance):
-            v = np.asarray(variance)
-            finite = np.isfinite(np.asarray(image))
-            bad = finite & ~(np.isfinite(v) & (v >= 0))
-            if np.any(bad):
-                idx = tuple(int(i) for i in np.argwhere(bad)[0])
-                raise ValueError(
-                    f"variance (shape {v.shape}) must be finite and >= 0 where the image is finite; "
-                    f"{int(bad.sum())} pixels are not, e.g. {v[idx]!r} at index {idx}"
-                )
         xy0 = jnp.asarray(xy0)
         if xy0.shape[-1:] != (2,):
             raise ValueError(f"xy0 must be (x0, y0), got shape {tuple(xy0.shape)}")

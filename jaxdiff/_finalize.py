@@ -10,7 +10,7 @@ from ._kernel import SpatialKernel
 from ._mask import plane_bit
 from ._psf import ImagePsf
 from ._stats import clipped_mean_std, standard_good
-from ._types import solve_dtype
+from ._types import select, solve_dtype
 
 _LEVEL_SAMPLES = 2**16  # the variance planes are smooth: a regular subsample of 65k pixels fixes their level
 _GRID = 4  # nodes of the spatially varying variant: centres of a 4 × 4 partition
@@ -45,7 +45,7 @@ def decorrelate_arrays(
         good_u, good_c: pixels entering the clipped variance levels (standard exclusions).
         kernel: the matching kernel (its centre value is used; node values when spatially varying).
         psf: PSF of the undecorrelated difference, or None.
-        science_matched: True when the science was convolved (weights ÷ κ₀²).
+        science_matched: True when the science was convolved (weights ÷ κ₀²); a traced bool under `mode="auto"`.
         preconv_kernel: the preconvolution kernel P for score images, or None.
         spatially_varying: use the 4 × 4-node variant.
         excluded: boolean (ny, nx) of pixels kept out of the filter like non-finite ones (set to the mean
@@ -109,8 +109,7 @@ def decorrelate_arrays(
         img, var, c_img = _decorrelate.decorrelate(
             diff_in, var_u, var_c, kernel.image(), v_u, v_c, preconv_kernel=preconv_kernel
         )
-    if science_matched:
-        var = var / k0**2
+    var = var / select(science_matched, k0**2, jnp.ones_like(k0))
     var = jnp.where(kept, var, diff_var).astype(diff_var.dtype)
     img = jnp.where(kept, img, diff_img).astype(diff_img.dtype)
     if psf is not None and preconv_kernel is None:

@@ -107,10 +107,6 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
         rank = _stamps.cell_rank(data.cx, data.cy, priority, eligible, cfg.size_cell)
         return eligible & (rank < cfg.n_star_per_cell)
 
-    def solve(active):
-        M, b = global_normal(Ms, bs, U, active.astype(dtype), rows, cols)
-        return symmetric_solve(M, b)
-
     # The rejection loop decides the selection only; gradients flow through the final solve.
     Ms_sg, bs_sg = lax.stop_gradient(Ms), lax.stop_gradient(bs)
     ksum_sg = lax.stop_gradient(ksum)

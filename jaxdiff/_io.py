@@ -168,6 +168,12 @@ def _read(hdul, path) -> Exposure:
         variance = _native(_two_d(hdul["VARIANCE"].data, path, "the VARIANCE HDU"), dtype)
         if variance.shape != image.shape:
             raise ValueError(f"{path}: VARIANCE shape {variance.shape} does not match image shape {image.shape}")
+        bad = np.isfinite(image) & ~(np.isfinite(variance) & (variance >= 0))
+        if np.any(bad):
+            raise ValueError(
+                f"{path}: the variance must be finite and >= 0 where the image is finite; {int(bad.sum())} pixels "
+                f"are not, e.g. {variance[tuple(np.argwhere(bad)[0])]!r}"
+            )
     else:
         var = _estimate_variance(image)
         if not np.isfinite(var):

@@ -17,6 +17,15 @@ _FLUX_COLUMNS = (
 )
 
 
+SOURCE_CAPACITY = 1024
+"""Source lists are padded to a multiple of this length (above LSST's 1000 kernel stars)."""
+
+
+def capacity_for(n: int) -> int:
+    """The padded length of a list of `n` sources: the next multiple of `SOURCE_CAPACITY` (at least one)."""
+    return max(1, -(-int(n) // SOURCE_CAPACITY)) * SOURCE_CAPACITY
+
+
 class Sources(eqx.Module):
     """Candidate stars for kernel stamps, in parent-frame pixel coordinates.
 
@@ -51,6 +60,24 @@ class Sources(eqx.Module):
     def __len__(self) -> int:
         return int(self.x.shape[-1])
 
+    def padded(self, capacity: int) -> "Sources":
+        """The list padded with invalid entries (at (0, 0), flux NaN) to `capacity` along its last axis.
+
+        Traceable; a list already that long is returned as is, a longer one raises `ValueError`.
+        """
+        n = int(self.x.shape[-1])
+        if n == capacity:
+            return self
+        if n > capacity:
+            raise ValueError(f"cannot pad {n} sources to a capacity of {capacity}")
+        width = [(0, 0)] * (self.x.ndim - 1) + [(0, capacity - n)]
+        return Sources(
+            jnp.pad(self.x, width),
+            jnp.pad(self.y, width),
+            jnp.pad(self.flux, width, constant_values=jnp.nan),
+            jnp.pad(self.valid, width),
+        )
+
     @property
     def n_valid(self) -> int:
         return int(np.sum(np.asarray(self.valid)))
@@ -61,7 +88,8 @@ class Sources(eqx.Module):
 
         Positions come from `x`/`y` or LSST's `slot_Centroid_x`/`slot_Centroid_y`; flux from `flux`
         (or LSST's PSF/aperture flux slots) when present. Rows with non-finite positions are marked
-        invalid. `capacity` pads (valid=False) to a fixed length so that new lists do not recompile.
+        invalid. The list is padded (valid=False) to `capacity` entries, by default to the next multiple of
+        `SOURCE_CAPACITY`, so that tables of different lengths give the same shapes (and programs).
         """
         names = list(getattr(table, "colnames", None) or list(table.keys()))
 
@@ -81,7 +109,8 @@ class Sources(eqx.Module):
         flux = pick(_FLUX_COLUMNS, "flux", required=False)
         valid = np.isfinite(x) & np.isfinite(y)
         n = x.shape[0]
-        if capacity is not None:
+        capacity = capacity_for(n) if capacity is None else capacity
+        if capacity != n:
             if capacity < n:
                 raise ValueError(f"capacity {capacity} is smaller than the table's {n} rows")
             pad = capacity - n

@@ -1,6 +1,13 @@
-"""`subtract`: the pure, jit-compiled Alard–Lupton subtraction (ALGORITHM §3–§11)."""
+"""`subtract`: the pure, jit-compiled Alard–Lupton subtraction (ALGORITHM §3–§11).
+
+The core is four stages that hand each other small typed values: `prepare` (variance rescaling, masks,
+cut-outs, coverage), `select` (basis and stamps), `fit` (per-stamp fits, rejection, spatial solve) and
+`difference` (convolution, difference, decorrelation). Each runs under a `jax.named_scope` of its name, so the
+profiler attributes time to stages inside the one fused program.
+"""
 
 import dataclasses
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -13,26 +20,20 @@ from . import convolve as _convolve
 from . import spatial
 from . import stamps as _stamps
 from ._background import BackgroundModel
-from ._config import SubtractConfig, check_mode
+from ._config import SubtractConfig
 from ._errors import RESULTS
 from ._exposure import Exposure
-from ._fit import StampData, fit_kernel
+from ._finalize import decorrelate_arrays, edge_pixels, variance_level
+from ._fit import FitResult, StampData, fit_kernel
 from ._kernel import SpatialKernel
 from ._mask import bitmask, plane_bit
-from ._preconvolve import fill_bad, preconvolution_kernel, preconvolve_science
-from ._prepare import (
-    exclusion_bits,
-    output_planes,
-    padded_cut,
-    prepare_science_mask,
-    prepare_template_mask,
-)
-from ._psf import Psf
+from ._plan import PRECONVOLUTION_WIDTH, Plan, canonical_psf, convolves_template, coverage, make_plan, width_kwargs
+from ._preconvolve import Preconvolved, fill_bad, preconvolve_science
+from ._prepare import exclusion_bits, output_planes, padded_cut, prepare_science_mask, prepare_template_mask
 from ._result import SubtractResult
 from ._sources import Sources
-from ._stats import clipped_mean_std, quantile_masked, standard_good, usable, variance_factor
-from ._threads import run_blocking
-from ._types import is_concrete, solve_dtype
+from ._stats import quantile_masked, standard_good, usable, variance_factor
+from ._types import select, solve_dtype
 
 _RESCALE_EXCLUDE = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP")
 # |pixel| at or above this is a fill sentinel (SExtractor/IRAF use ±1e30), not data: treated like NaN, since a
@@ -40,174 +41,108 @@ _RESCALE_EXCLUDE = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "I
 _MAX_PIXEL = 1e20
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Static decisions taken before tracing: they fix every shape of the compiled program."""
-
-    mode: str  # resolved: "convolveTemplate" or "convolveScience"
-    k: int  # kernel side
-    n_slots: int  # stamp capacity
-    basis_mode: str  # "config", "convolution", "deconvolution" (informational)
-    rank_by_snr: bool = True  # some valid source lacks a flux: rank by measured S/N
-    basis_sigmas: tuple[float, ...] = ()  # Alard–Lupton widths from the concrete PSF widths (metadata only)
-
-
-@eqx.filter_jit
-def _sigma_xy(psf: Psf):
-    # compiled once per PSF type and size: eager adaptive moments dispatch ~40 iterations op by op (85 ms)
-    return psf.sigma_xy()
-
-
-def psf_widths(psf: Psf | None):
-    """(sigma_x, sigma_y) as Python floats, or None when there is no PSF or it is traced."""
-    if psf is None:
-        return None
-    leaves = jax.tree.leaves(psf)
-    if not is_concrete(leaves):
-        return None
-    sx, sy = jax.device_get(_sigma_xy(psf))
-    if not (np.isfinite(sx) and np.isfinite(sy)):
-        raise ValueError("the PSF width cannot be measured at the image centre (adaptive moments failed)")
-    return float(sx), float(sy)
-
-
-def resolve_mode(mode: str, w_template, w_science) -> str:
-    """`auto` → convolve the template iff FWHM_x(T) ≤ FWHM_x(S) or FWHM_y(T) ≤ FWHM_y(S)."""
-    check_mode(mode)
-    if mode != "auto":
-        return mode
-    if w_template is None or w_science is None:
-        return "convolveTemplate"
-    (tx, ty), (sx, sy) = w_template, w_science
-    return "convolveTemplate" if (tx <= sx or ty <= sy) else "convolveScience"
-
-
-def make_plan(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig) -> Plan:
-    """The static plan: resolved mode, kernel size, stamp capacity (ALGORITHM §2)."""
-    wt, ws = psf_widths(template.psf), psf_widths(science.psf)
-    mode = resolve_mode(config.mode, wt, ws)
-    if config.use_preconvolution:
-        mode = "convolveTemplate"
-        preconvolution_kernel(science.psf)  # raises on an even PSF
-        if ws is not None:
-            ws = (ws[0] * np.sqrt(2.0), ws[1] * np.sqrt(2.0))  # fit FWHM_T → √2·FWHM_S (§12)
-    k = config.kernel_size
-    basis_mode = "config"
-    basis_sigmas = tuple(float(v) for v in config.al_sig_gauss) if config.kernel_basis == "alard-lupton" else ()
-    if config.kernel_basis == "alard-lupton" and wt is not None and ws is not None:
-        sx = float(np.sqrt(0.5 * (wt[0] ** 2 + wt[1] ** 2)))
-        ss = float(np.sqrt(0.5 * (ws[0] ** 2 + ws[1] ** 2)))
-        sig_x, sig_y = (sx, ss) if mode == "convolveTemplate" else (ss, sx)
-        widths, basis_mode = _basis.alard_lupton_widths(sig_x, sig_y, **_width_kwargs(config))
-        basis_sigmas = tuple(float(v) for v in np.asarray(widths))
-        if config.scale_by_fwhm:
-            k = _basis.kernel_size(
-                np.asarray(widths),
-                fwhm_scaling=config.kernel_size_fwhm_scaling,
-                size_min=config.kernel_size_min,
-                size_max=config.kernel_size_max,
-            )
-    side = 2 * int(k) + 1
-    if side > min(science.shape):
-        raise ValueError(
-            f"kernel size {int(k)} needs ({side}, {side}) stamps, larger than the science image {science.shape}; "
-            "use a smaller kernel_size / kernel_size_max or a larger image"
-        )
-    n_src = len(sources)
-    n_slots = n_src if config.max_kernel_sources < 0 else min(config.max_kernel_sources, n_src)
-    rank_by_snr = True
-    if is_concrete((sources.flux, sources.valid)):
-        flux, valid = np.asarray(sources.flux), np.asarray(sources.valid)
-        rank_by_snr = not bool(np.all(np.isfinite(flux[valid])))
-    return Plan(
-        mode=mode,
-        k=int(k),
-        n_slots=max(int(n_slots), 1),
-        basis_mode=basis_mode,
-        rank_by_snr=rank_by_snr,
-        basis_sigmas=basis_sigmas,
-    )
-
-
-def _width_kwargs(config):
-    return dict(
-        sig_gauss=tuple(config.al_sig_gauss),
-        beta=config.al_gauss_beta,
-        min_sig=config.al_min_sig,
-        min_sig_deconv=config.al_min_sig_deconv,
-        scale_by_fwhm=config.scale_by_fwhm,
-    )
-
-
-def _strip_wcs(exposure: Exposure) -> Exposure:
-    new = object.__new__(Exposure)
-    for f in dataclasses.fields(exposure):
-        object.__setattr__(new, f.name, getattr(exposure, f.name))
-    object.__setattr__(new, "wcs", None)
-    return new
-
-
-def _with_wcs(exposure: Exposure, wcs) -> Exposure:
-    new = _strip_wcs(exposure)
-    object.__setattr__(new, "wcs", wcs)
-    return new
-
-
-def subtract(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig | None = None):
+def subtract(
+    template: Exposure,
+    science: Exposure,
+    sources: Sources,
+    config: SubtractConfig | None = None,
+    plan: Plan | None = None,
+) -> SubtractResult:
     """PSF-match, subtract and (unless configured off) decorrelate: the pure function behind the task.
+
+    Works eagerly, under `jax.jit`, `jax.vmap`, `jax.grad` and `jax.disable_jit()`. The mode (under
+    `mode="auto"`), the basis widths and the source selection are decided inside the program from the data; only
+    the `plan` (kernel size, source capacity, PSF image side) is static. Outside a transformation it is built
+    from the inputs; under one, where the PSFs are traced, pass `plan=jd.make_plan(...)` built beforehand (a
+    traced call without one raises `jd.PlanError`).
 
     Arguments:
         template: the reference exposure; its box must contain the science box.
         science: the new exposure; outputs live on its box.
-        sources: candidate kernel stars (parent coordinates).
+        sources: candidate kernel stars (parent coordinates); padded to the plan's capacity.
         config: a `SubtractConfig` (default: LSST's defaults).
+        plan: the static plan from `jd.make_plan` (default: made from these inputs).
 
     Returns:
-        A `SubtractResult` whose `metadata` holds 0-d arrays (status code, counts, kernel sum, residual
-        statistics, condition number, coverage, variance factors). Never raises on data: `status`
-        (a `jd.RESULTS` code) says what failed.
+        A `SubtractResult` whose `metadata` holds arrays (status code, counts, kernel sum, residual statistics,
+        condition number, coverage, variance factors, basis widths, the mode taken). Never raises on data:
+        `status` (a `jd.RESULTS` code) says what failed.
     """
     config = SubtractConfig() if config is None else config
-    plan = make_plan(template, science, sources, config)
-    result = run_blocking(_core, _strip_wcs(template), _strip_wcs(science), sources, config, plan)
-    return dataclasses.replace(
-        result,
-        difference=_with_wcs(result.difference, science.wcs),
-        matched_template=_with_wcs(result.matched_template, science.wcs),
-    )
+    if sources is None:
+        raise ValueError(
+            "jd.subtract needs a source list; detect one with jd.AlardLuptonSubtract().run(..., sources=None)"
+        )
+    plan = make_plan(template, science, sources, config) if plan is None else plan
+    inputs = core_inputs(template, science, sources, psf_size=plan.psf_size, capacity=plan.capacity)
+    return restore_wcs(_core(*inputs, config, plan), science.wcs)
+
+
+def core_inputs(template: Exposure, science: Exposure, sources: Sources | None, *, psf_size, capacity=None):
+    """What the compiled core takes: exposures without WCS (a static field hashed by identity) and with PSFs
+    padded to `psf_size`, and the sources padded to `capacity` (a stacked batch is allowed)."""
+
+    def strip(e: Exposure) -> Exposure:
+        psf = e.psf
+        if psf_size is not None and psf is not None:
+            pad = lambda p: canonical_psf(p, psf_size)
+            psf = eqx.filter_vmap(pad)(psf) if e.image.ndim == 3 else pad(psf)
+        return dataclasses.replace(e, wcs=None, psf=psf)
+
+    if sources is not None and capacity is not None:
+        sources = sources.padded(capacity)
+    return strip(template), strip(science), sources
 
 
 def subtract_staged(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan, clock):
-    """`subtract` run stage by stage, each stage jitted on its own and timed with `block_until_ready`.
+    """`subtract` run stage by stage, each stage compiled on its own and timed with `block_until_ready`.
 
     Arguments:
-        plan: the static plan from `make_plan` for these inputs (the caller already built it for its checks).
-        clock: a callable returning seconds (e.g. `time.perf_counter`).
+        template, science, sources: inputs as `core_inputs` returns them for `plan`.
+        plan: the static plan. clock: a callable returning seconds (e.g. `time.perf_counter`).
 
     Returns:
-        (result, timings): the same result as `subtract` (a test checks they agree) and the wall time of
-        each stage in `STAGES`, compilation included on a first call.
+        (result, timings): the result of `subtract` (a test checks they agree) and the wall time of each of
+        `STAGES`, compilation included on a first call.
     """
-    t_in, s_in = _strip_wcs(template), _strip_wcs(science)
     timings = {}
 
     def timed(name, fn, *args):
         t0 = clock()
-        out = run_blocking(fn, *args, config, plan)  # compiles ahead and trims on a first call, then blocks
+        out = jax.block_until_ready(fn(*args))
         timings[name] = clock() - t0
         return out
 
-    st = timed("prepare", _jit_prepare, t_in, s_in)
-    st = {**st, **timed("select", _jit_select, st, sources)}
-    st = {**st, **timed("fit", _jit_fit, st)}
-    st = {**st, **timed("convolve", _jit_convolve, st)}
-    result = timed("decorrelate", _jit_decorrelate, st)
-    result = dataclasses.replace(
+    prep = timed("prepare", _jit_prepare, template, science, config, plan)
+    sel = timed("select", _jit_select, prep, sources, config, plan)
+    fitted = timed("fit", _jit_fit, sel, prep.box, config)
+    return timed("difference", _jit_difference, prep, sel, fitted, config, plan), timings
+
+
+def restore_wcs(result: SubtractResult, wcs) -> SubtractResult:
+    """The result with the science WCS put back on the difference and the matched template."""
+    if wcs is None:
+        return result
+    return dataclasses.replace(
         result,
-        difference=_with_wcs(result.difference, science.wcs),
-        matched_template=_with_wcs(result.matched_template, science.wcs),
+        difference=dataclasses.replace(result.difference, wcs=wcs),
+        matched_template=dataclasses.replace(result.matched_template, wcs=wcs),
     )
-    return result, timings
+
+
+def core(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan):
+    """The traceable subtraction for a fixed plan (not jitted: `subtract` jits it; batches vmap it)."""
+    with jax.named_scope("prepare"):
+        prep = prepare(template, science, config, plan)
+    with jax.named_scope("select"):
+        sel = select_stamps(prep, sources, config, plan)
+    with jax.named_scope("fit"):
+        fitted = fit(sel, prep.box, config)
+    with jax.named_scope("difference"):
+        return difference(prep, sel, fitted, config, plan)
+
+
+STAGES = ("prepare", "select", "fit", "difference")
 
 
 @eqx.filter_jit
@@ -215,58 +150,54 @@ def _core(template: Exposure, science: Exposure, sources: Sources, config: Subtr
     return core(template, science, sources, config, plan)
 
 
-def _roles(st: dict, plan: Plan):
-    """The convolved image X (grown cut-out planes), the matched image Y and their PSFs for the mode."""
-    if plan.mode == "convolveTemplate":
-        xg = (st["tg_img"], st["tg_var"], st["tg_mask"], st["tg_inside"])
-        return xg, st["science"].image, st["var_s"], st["template"].psf, st["science"].psf
-    xg = (st["sg_img"], st["sg_var"], st["sg_mask"], st["sg_inside"])
-    return xg, st["t_img"], st["t_var"], st["science"].psf, st["template"].psf
+class Planes(NamedTuple):
+    """Image, variance, mask and the in-array flag of one image on a box."""
+
+    image: jax.Array
+    variance: jax.Array
+    mask: jax.Array
+    inside: jax.Array
 
 
-STAGES = ("prepare", "select", "fit", "convolve", "decorrelate")
+class Prepared(NamedTuple):
+    """The inputs made ready for the fit (§1, §3, §4)."""
+
+    template: Exposure  # sentinels → NaN; under preconvolution its bad pixels filled
+    science: Exposure  # under preconvolution P ∗ S
+    convolves_template: object  # the mode decision: a Python bool, or a traced bool under mode="auto"
+    widths: tuple  # (σ of template, σ of science) or None
+    var_s: jax.Array  # rescaled (and under preconvolution P² ∗ V) science variance
+    var_s_raw: jax.Array  # rescaled science variance before preconvolution
+    mask_s: jax.Array
+    pre: Preconvolved | None
+    box: jax.Array  # (x0, y0, width, height) of the fit's spatial domain
+    t_grown: Planes  # template on the science box grown by h
+    s_grown: Planes  # science on the science box grown by h
+    t_box: Planes  # template on the science box
+    coverage: jax.Array
+    factors: jax.Array  # (template, science) variance factors
+    factor_failed: jax.Array
+    n_noise_pixels: jax.Array  # (template, science) pixels used by the variance estimate
 
 
-def core(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan):
-    """The traceable subtraction for a fixed plan (not jitted: callers jit or vmap it)."""
-    st = _stage_prepare(template, science, config, plan)
-    st = _stage_select(st, sources, config, plan)
-    st = _stage_fit(st, config, plan)
-    st = _stage_convolve(st, config, plan)
-    return _stage_decorrelate(st, config, plan)
-
-
-def _frame(template: Exposure, science: Exposure, config: SubtractConfig, plan: Plan):
-    """(k, h, ny, nx, output plane table): the static geometry every stage starts from."""
-    ny, nx = science.shape
-    return plan.k, plan.k // 2, ny, nx, output_planes(science.mask_planes, template.mask_planes, config)
-
-
-def _stage_prepare(template: Exposure, science: Exposure, config: SubtractConfig, plan: Plan) -> dict:
-    """Variance rescaling, masks, cut-outs and coverage (ALGORITHM §1, §3, §4)."""
+def prepare(template: Exposure, science: Exposure, config: SubtractConfig, plan: Plan) -> Prepared:
+    """Variance rescaling, masks, cut-outs, coverage and the mode decision (ALGORITHM §1–§4)."""
     cfg = config
-    k, h, ny, nx, out_planes = _frame(template, science, cfg, plan)
+    h = plan.k // 2
+    ny, nx = science.shape
     sdt = solve_dtype()
+    out_planes = output_planes(science.mask_planes, template.mask_planes, cfg)
     nodata_bit = plane_bit(out_planes, "NO_DATA")
-    crop = (slice(h, h + ny), slice(h, h + nx))
     box = jnp.stack([science.xy0[0], science.xy0[1], nx, ny]).astype(sdt)
-    var_s_raw = None
     template, science = _sentinels_to_nan(template), _sentinels_to_nan(science)
+    widths = None
+    if template.psf is not None and science.psf is not None:
+        widths = (jnp.stack(template.psf.sigma_xy()), jnp.stack(science.psf.sigma_xy()))
+    is_t = convolves_template(plan.mode, *(widths or (None, None)))
 
-    # --- variance rescaling (§4.1) ---
-    def rescale(e: Exposure):
-        if not cfg.do_scale_variance:
-            return e.variance, jnp.ones((), sdt), jnp.zeros((), bool)
-        bad = bitmask(e.mask_planes, _RESCALE_EXCLUDE)
-        good = (e.mask & bad) == 0
-        f, r_est, l_est, _ = variance_factor(e.image, e.variance, good, always_level=False)
-        fail = (r_est > 10) & (l_est > 10)
-        return e.variance * f.astype(e.variance.dtype), f.astype(sdt), fail
+    var_t, f_t, fail_t, n_t = _rescaled_variance(template, cfg)
+    var_s, f_s, fail_s, n_s = _rescaled_variance(science, cfg)
 
-    var_t, factor_t, fail_t = rescale(template)
-    var_s, factor_s, fail_s = rescale(science)
-
-    # --- masks (§4.2) and template cut-out on the science box grown by h (§1) ---
     mask_s = prepare_science_mask(science.mask, science.mask_planes, out_planes)
     mask_t = prepare_template_mask(template.mask, template.mask_planes, out_planes, cfg)
     if nodata_bit is not None:  # non-finite pixels carry no data: flag them so they are excluded and masked
@@ -274,99 +205,118 @@ def _stage_prepare(template: Exposure, science: Exposure, config: SubtractConfig
         mask_s = mask_s | jnp.where(jnp.isfinite(science.image) & jnp.isfinite(var_s), 0, nd)
         mask_t = mask_t | jnp.where(jnp.isfinite(template.image) & jnp.isfinite(var_t), 0, nd)
     pre = None
+    var_s_raw = var_s
     if cfg.use_preconvolution:  # score image (§12): fit T to P ∗ S over the inner box
         pre = preconvolve_science(science.image, var_s, mask_s, science.xy0, out_planes, science.psf, cfg)
-        var_s_raw = var_s
         t_filled, _ = fill_bad(template.image, template.mask, template.mask_planes, cfg.bad_mask_planes)
         template = dataclasses.replace(template, image=t_filled)
         science = dataclasses.replace(science, image=pre.image)
         var_s, mask_s, box = pre.variance, pre.mask, pre.box
     offset = jnp.stack([science.xy0[1] - template.xy0[1], science.xy0[0] - template.xy0[0]])
-    inside_t_full = jnp.ones(template.shape, bool)
-    tg_img, tg_var, tg_mask, tg_inside = padded_cut(
-        (template.image, var_t, mask_t, inside_t_full), offset, h, (ny, nx), (0.0, 1.0, 0, False)
+    fill = (0.0, 1.0, 0, False)
+    t_grown = Planes(
+        *padded_cut((template.image, var_t, mask_t, jnp.ones(template.shape, bool)), offset, h, (ny, nx), fill)
     )
-    sg_img, sg_var, sg_mask, sg_inside = padded_cut(
-        (science.image, var_s, mask_s, jnp.ones((ny, nx), bool)),
-        jnp.zeros(2, jnp.int32),
-        h,
-        (ny, nx),
-        (0.0, 1.0, 0, False),
+    s_grown = Planes(
+        *padded_cut(
+            (science.image, var_s, mask_s, jnp.ones((ny, nx), bool)), jnp.zeros(2, jnp.int32), h, (ny, nx), fill
+        )
     )
     crop = (slice(h, h + ny), slice(h, h + nx))
-    t_img, t_var, t_mask, t_inside = tg_img[crop], tg_var[crop], tg_mask[crop], tg_inside[crop]
-
-    # --- coverage (§3) ---
-    nodata_val = 0 if nodata_bit is None else (1 << nodata_bit)
-    lacks = ((t_mask | mask_s) & nodata_val) != 0
-    coverage = 1.0 - jnp.sum(lacks, dtype=jnp.int32).astype(sdt) / lacks.size
-
-    st = {}
-    return dict(
-        st,
-        var_t=var_t,
-        factor_t=factor_t,
-        fail_t=fail_t,
-        var_s=var_s,
-        factor_s=factor_s,
-        fail_s=fail_s,
-        mask_s=mask_s,
-        mask_t=mask_t,
-        pre=pre,
-        var_s_raw=var_s_raw,
+    t_box = Planes(*(p[crop] for p in t_grown))
+    return Prepared(
         template=template,
         science=science,
+        convolves_template=is_t,
+        widths=widths,
+        var_s=var_s,
+        var_s_raw=var_s_raw,
+        mask_s=mask_s,
+        pre=pre,
         box=box,
-        tg_img=tg_img,
-        tg_var=tg_var,
-        tg_mask=tg_mask,
-        tg_inside=tg_inside,
-        sg_img=sg_img,
-        sg_var=sg_var,
-        sg_mask=sg_mask,
-        sg_inside=sg_inside,
-        t_img=t_img,
-        t_var=t_var,
-        t_mask=t_mask,
-        t_inside=t_inside,
-        coverage=coverage,
+        t_grown=t_grown,
+        s_grown=s_grown,
+        t_box=t_box,
+        coverage=coverage(template, science).astype(sdt),
+        factors=jnp.stack([f_t, f_s]),
+        factor_failed=fail_t | fail_s,
+        n_noise_pixels=jnp.stack([n_t, n_s]),
     )
 
 
-def _stage_select(st: dict, sources: Sources, config: SubtractConfig, plan: Plan) -> dict:
-    """Kernel basis and stamp selection (ALGORITHM §5, §6)."""
-    science = st["science"]
-    template = st["template"]
-    cfg = config
-    k, h, ny, nx, out_planes = _frame(template, science, cfg, plan)
+def _rescaled_variance(e: Exposure, cfg: SubtractConfig):
+    """(variance × factor, factor, both estimates failed, pixels used) per §4.1 (factor 1 when turned off)."""
     sdt = solve_dtype()
-    var_s = st["var_s"]
-    mask_s = st["mask_s"]
-    t_mask = st["t_mask"]
-    t_img = st["t_img"]
-    t_var = st["t_var"]
-    t_inside = st["t_inside"]
-    box = st["box"]
-    pre = st["pre"]
-    xg, y_img, y_var, psf_x, psf_y = _roles(st, plan)
+    if not cfg.do_scale_variance:
+        return e.variance, jnp.ones((), sdt), jnp.zeros((), bool), jnp.zeros((), jnp.int32)
+    good = (e.mask & bitmask(e.mask_planes, _RESCALE_EXCLUDE)) == 0
+    f, r_est, l_est, n_good = variance_factor(e.image, e.variance, good, always_level=False)
+    fail = (r_est > 10) & (l_est > 10)
+    return e.variance * f.astype(e.variance.dtype), f.astype(sdt), fail, jnp.asarray(n_good, jnp.int32)
 
-    # --- basis (§5) ---
+
+class Roles(NamedTuple):
+    """The mode's view of the planes: X is convolved, Y is matched to."""
+
+    x_grown: Planes
+    y_image: jax.Array
+    y_var: jax.Array
+    y_mask: jax.Array
+
+
+def roles(prep: Prepared) -> Roles:
+    """convolveTemplate: X = template, Y = science; convolveScience the other way round (§2)."""
+    is_t = prep.convolves_template
+    x = select(is_t, prep.t_grown, prep.s_grown)
+    y = select(
+        is_t, (prep.science.image, prep.var_s, prep.mask_s), (prep.t_box.image, prep.t_box.variance, prep.t_box.mask)
+    )
+    return Roles(x, *y)
+
+
+class Selection(NamedTuple):
+    """Kernel basis and stamp slots (§5, §6)."""
+
+    data: StampData
+    basis_images: jax.Array
+    factors: tuple  # (fx, fy, mix, x_groups): the separable form of the basis
+    reg: jax.Array | None
+    basis_widths: jax.Array
+    basis_code: jax.Array
+    n_candidates: jax.Array
+    n_stamps: jax.Array
+
+
+def select_stamps(prep: Prepared, sources: Sources, config: SubtractConfig, plan: Plan) -> Selection:
+    """Kernel basis and stamp selection (ALGORITHM §5, §6)."""
+    cfg = config
+    k = plan.k
+    h = k // 2
+    ny, nx = prep.science.shape
+    sdt = solve_dtype()
+    science, pre = prep.science, prep.pre
+    rl = roles(prep)
+
     if cfg.kernel_basis == "alard-lupton":
-        if psf_x is None or psf_y is None:
+        if prep.widths is None:
             sig_x = sig_y = None
         else:
-            sig_x, sig_y = psf_x.sigma(), psf_y.sigma()
+            sig_t, sig_s = (jnp.sqrt(0.5 * jnp.sum(w**2)) for w in prep.widths)
             if pre is not None:
-                sig_y = sig_y * np.sqrt(2.0)
-        widths, _ = _basis.alard_lupton_widths_traced(sig_x, sig_y, **_width_kwargs(cfg))
+                sig_s = sig_s * PRECONVOLUTION_WIDTH
+            sig_x, sig_y = select(prep.convolves_template, (sig_t, sig_s), (sig_s, sig_t))
+        widths, code = _basis.alard_lupton_widths_traced(sig_x, sig_y, **width_kwargs(cfg))
         fx, fy, mix = _basis.alard_lupton_factors(k, widths, tuple(cfg.al_deg_gauss), cfg.orthonormalize_basis)
         basis_images = jnp.einsum("br,rv,ru->bvu", mix, fy, fx)
+        groups = _basis.x_factor_groups(tuple(cfg.al_deg_gauss))
     else:
         basis_images = _basis.delta_function(k).astype(sdt)
         eye = jnp.eye(k, dtype=sdt)
         fx = jnp.tile(eye, (k, 1))
         fy = jnp.repeat(eye, k, axis=0)
         mix = basis_images.reshape(basis_images.shape[0], -1)
+        groups = (tuple(range(k)), tuple(r % k for r in range(k * k)))  # raw image r has column factor eye[r % k]
+        widths, code = jnp.zeros(0, sdt), jnp.asarray(0)
     n = basis_images.shape[0]
     reg = None
     if cfg.kernel_basis == "delta-function" and cfg.use_regularization:
@@ -376,26 +326,32 @@ def _stage_select(st: dict, sources: Sources, config: SubtractConfig, plan: Plan
         reg = jnp.zeros((n + 1, n + 1), sdt).at[:n, :n].set(H)
 
     # --- stamps (§6) ---
-    excl = exclusion_bits(out_planes, cfg)
-    bad = ((mask_s | t_mask) & excl) != 0
-    bad = bad | ~usable(science.image, var_s) | ~usable(t_img, t_var) | ~t_inside
+    out_planes = output_planes(science.mask_planes, prep.template.mask_planes, cfg)
+    t_box = prep.t_box
+    bad = ((prep.mask_s | t_box.mask) & exclusion_bits(out_planes, cfg)) != 0
+    bad = bad | ~usable(science.image, prep.var_s) | ~usable(t_box.image, t_box.variance) | ~t_box.inside
     cx, cy = _stamps.centres(sources.x, sources.y, science.xy0)
     margin = (k if cfg.restrict_kernel_edge_sources else 0) + (k if pre is not None else 0)
     ok = _stamps.usable_candidates(cx, cy, sources.valid, bad, k, margin)
     ok = ok & ~_repeated(cx, cy, ok, nx)  # a duplicated source must not count its stamp twice
     side = 2 * k + 1
-    if plan.rank_by_snr:
-        score = jnp.where(jnp.isfinite(sources.flux), sources.flux, _snr(science.image, var_s, cy, cx, k))
-    else:
-        score = sources.flux
+    # sources without a flux are ranked by their measured S/N (only computed when one lacks a flux)
+    missing = jnp.any(sources.valid & ~jnp.isfinite(sources.flux))
+    snr = lax.cond(
+        missing,
+        lambda: _snr(science.image, prep.var_s, cy, cx, k).astype(sources.flux.dtype),
+        lambda: jnp.zeros_like(sources.flux),
+    )
+    score = jnp.where(jnp.isfinite(sources.flux), sources.flux, snr)
     index, slot_valid = _stamps.rank_and_pack(score, ok, plan.n_slots)
+    if 0 <= cfg.max_kernel_sources < plan.n_slots:
+        slot_valid = slot_valid & (jnp.arange(plan.n_slots) < cfg.max_kernel_sources)
     scx, scy = cx[index], cy[index]
     r0, c0 = scy - k, scx - k
-    x_img, x_var = xg[0], xg[1]
-    x_stamp = _stamps.extract(x_img, r0 + h, c0 + h, side)
-    vx_stamp = _stamps.extract(x_var, r0 + h, c0 + h, side)
-    y_stamp = _stamps.extract(y_img, r0, c0, side)
-    vy_stamp = _stamps.extract(y_var, r0, c0, side)
+    x_stamp = _stamps.extract(rl.x_grown.image, r0 + h, c0 + h, side)
+    vx_stamp = _stamps.extract(rl.x_grown.variance, r0 + h, c0 + h, side)
+    y_stamp = _stamps.extract(rl.y_image, r0, c0, side)
+    vy_stamp = _stamps.extract(rl.y_var, r0, c0, side)
     core_sl = (slice(None), slice(h, side - h), slice(h, side - h))
     good_core = _stamps.extract(~bad, r0, c0, side)[core_sl]
     finite = slot_valid[:, None, None]
@@ -408,215 +364,151 @@ def _stage_select(st: dict, sources: Sources, config: SubtractConfig, plan: Plan
         med = jax.vmap(lambda v: quantile_masked(v, jnp.ones(v.shape, bool), 0.5))(total)
         weight = jnp.where(med > 0, 1.0 / jnp.where(med > 0, med, 1.0), 1.0)
     else:
-        weight = None
+        weight = 1.0 / (vx_stamp[core_sl] + vy_core)
     sx_pos = sources.x[index].astype(sdt)
     sy_pos = sources.y[index].astype(sdt)
-    P_order, Q_order = cfg.spatial_kernel_order, cfg.spatial_bg_order
-    p = spatial.terms(sx_pos, sy_pos, box, P_order, cfg.spatial_model_type).T
-    q = spatial.terms(sx_pos, sy_pos, box, Q_order, cfg.spatial_model_type).T
     data = StampData(
         x_stamp=x_stamp,
         vx_stamp=vx_stamp,
         y_core=y_core,
         vy_core=vy_core,
-        good_core=good_core & slot_valid[:, None, None],
-        weight=weight if weight is not None else 1.0 / (vx_stamp[core_sl] + vy_core),
-        p=p,
-        q=q,
+        good_core=good_core & finite,
+        weight=weight,
+        p=spatial.terms(sx_pos, sy_pos, prep.box, cfg.spatial_kernel_order, cfg.spatial_model_type).T,
+        q=spatial.terms(sx_pos, sy_pos, prep.box, cfg.spatial_bg_order, cfg.spatial_model_type).T,
         cx=scx,
         cy=scy,
         valid=slot_valid,
     )
-    n_stamps = jnp.sum(slot_valid)
+    return Selection(
+        data=data,
+        basis_images=basis_images,
+        factors=(fx, fy, mix, groups),
+        reg=reg,
+        basis_widths=widths,
+        basis_code=code,
+        n_candidates=jnp.sum(ok),
+        n_stamps=jnp.sum(slot_valid),
+    )
 
-    return dict(st, data=data, basis_images=basis_images, fx=fx, fy=fy, mix=mix, reg=reg, n_stamps=n_stamps, ok=ok)
+
+class Fitted(NamedTuple):
+    """The fitted kernel and background (§7, §8)."""
+
+    fit: FitResult
+    kernel: SpatialKernel
+    bg_coeffs: jax.Array
 
 
-def _stage_fit(st: dict, config: SubtractConfig, plan: Plan) -> dict:
+def fit(sel: Selection, box, config: SubtractConfig) -> Fitted:
     """Per-stamp fits, rejection loop and the global spatial solve (ALGORITHM §7, §8)."""
     cfg = config
-    sdt = solve_dtype()
-    data = st["data"]
-    basis_images = st["basis_images"]
-    fx = st["fx"]
-    fy = st["fy"]
-    mix = st["mix"]
-    reg = st["reg"]
-    box = st["box"]
-    n = basis_images.shape[0]
-    P_order, Q_order = cfg.spatial_kernel_order, cfg.spatial_bg_order
-    # --- fit (§7, §8) ---
-    k = basis_images.shape[-1]
-    if cfg.kernel_basis == "alard-lupton":
-        groups = _basis.x_factor_groups(tuple(cfg.al_deg_gauss))
-    else:  # delta functions: raw image r has column factor eye[r % k]
-        groups = (tuple(range(k)), tuple(r % k for r in range(k * k)))
-    fit = fit_kernel(data, basis_images, (fx, fy, mix, groups), cfg.solver, cfg, reg)
-    theta = fit.theta
-    P = spatial.n_terms(P_order)
-    spatial.n_terms(Q_order)
-    coeffs = jnp.zeros((n, P), sdt).at[0, 0].set(theta[0]).at[1:, :].set(theta[1 : 1 + (n - 1) * P].reshape(n - 1, P))
-    bg_coeffs = theta[1 + (n - 1) * P :]
-    kernel = SpatialKernel(basis_images, coeffs, box, P_order, cfg.spatial_model_type)
-    kappa0 = theta[0]
-
-    return dict(st, fit=fit, kernel=kernel, bg_coeffs=bg_coeffs, kappa0=kappa0, theta=theta)
+    n = sel.basis_images.shape[0]
+    P = spatial.n_terms(cfg.spatial_kernel_order)
+    result = fit_kernel(sel.data, sel.basis_images, sel.factors, cfg.solver, cfg, sel.reg)
+    theta = result.theta
+    coeffs = (
+        jnp.zeros((n, P), theta.dtype)
+        .at[0, 0]
+        .set(theta[0])
+        .at[1:, :]
+        .set(theta[1 : 1 + (n - 1) * P].reshape(n - 1, P))
+    )
+    kernel = SpatialKernel(sel.basis_images, coeffs, box, cfg.spatial_kernel_order, cfg.spatial_model_type)
+    return Fitted(result, kernel, theta[1 + (n - 1) * P :])
 
 
-def _stage_convolve(st: dict, config: SubtractConfig, plan: Plan) -> dict:
-    """Apply the spatially varying kernel and form the difference (ALGORITHM §9, §10)."""
-    science = st["science"]
-    template = st["template"]
+def difference(prep: Prepared, sel: Selection, fitted: Fitted, config: SubtractConfig, plan: Plan) -> SubtractResult:
+    """Apply the kernel, form the difference, decorrelate and assemble the result (ALGORITHM §9–§11, §13)."""
     cfg = config
-    k, h, ny, nx, out_planes = _frame(template, science, cfg, plan)
-    edge_bit = plane_bit(out_planes, "EDGE")
-    var_s = st["var_s"]
-    mask_s = st["mask_s"]
-    t_img = st["t_img"]
-    t_var = st["t_var"]
-    t_mask = st["t_mask"]
-    box = st["box"]
-    pre = st["pre"]
-    var_s_raw = st["var_s_raw"]
-    kernel = st["kernel"]
-    bg_coeffs = st["bg_coeffs"]
-    kappa0 = st["kappa0"]
-    xg, y_img, y_var, psf_x, psf_y = _roles(st, plan)
+    h = plan.k // 2
+    science, template, pre = prep.science, prep.template, prep.pre
+    ny, nx = science.shape
+    out_planes = output_planes(science.mask_planes, template.mask_planes, cfg)
+    is_t = prep.convolves_template
+    rl = roles(prep)
+    kernel, bg_coeffs = fitted.kernel, fitted.bg_coeffs
+    kappa0 = kernel.coefficients[0, 0]
+    t_box = prep.t_box
 
-    P_order, Q_order = cfg.spatial_kernel_order, cfg.spatial_bg_order
     # --- apply the kernel (§9) ---
-    x_img, x_var = xg[0], xg[1]
-    img_dtype = x_img.dtype
-    kernels = kernel.components().astype(img_dtype)
-    xy0_g = science.xy0 - h
-    tx, ty = spatial.separable_terms(box, (ny + 2 * h, nx + 2 * h), xy0_g, P_order, cfg.spatial_model_type)
-    x_good = usable(x_img, x_var) & xg[3]
-    stride = max(1, int(np.ceil(np.sqrt(x_img.size / 2**16))))  # the level only needs ~6e4 samples
-    x_med = quantile_masked(x_img[::stride, ::stride], x_good[::stride, ::stride], 0.5)
+    x = rl.x_grown
+    img_dtype = x.image.dtype
+    tx, ty = spatial.separable_terms(
+        prep.box, (ny + 2 * h, nx + 2 * h), science.xy0 - h, cfg.spatial_kernel_order, cfg.spatial_model_type
+    )
+    x_good = usable(x.image, x.variance) & x.inside
+    stride = max(1, int(np.ceil(np.sqrt(x.image.size / 2**16))))  # the level only needs ~6e4 samples
+    x_med = quantile_masked(x.image[::stride, ::stride], x_good[::stride, ::stride], 0.5)
     x_med = lax.stop_gradient(jnp.where(jnp.isfinite(x_med), x_med, 0.0))
-    preserve = bitmask(out_planes, cfg.preserve_mask_planes)
     conv_img, conv_var, conv_mask = _convolve.convolve_spatial(
-        x_img,
-        x_var,
-        xg[2],
-        kernels,
+        x.image,
+        x.variance,
+        x.mask,
+        kernel.components().astype(img_dtype),
         tx.astype(img_dtype),
         ty.astype(img_dtype),
-        valid=xg[3],
-        edge_bit=edge_bit,
-        preserve_bits=preserve,
+        valid=x.inside,
+        edge_bit=plane_bit(out_planes, "EDGE"),
+        preserve_bits=bitmask(out_planes, cfg.preserve_mask_planes),
         offset=x_med.astype(img_dtype),
         interior=h,
     )
 
-    # --- difference (§10) ---
-    background = BackgroundModel(bg_coeffs, box, Q_order, cfg.spatial_model_type)
-    bg_img = background.image((ny, nx), science.xy0, dtype=img_dtype)
-    bg_sub = bg_img if cfg.do_subtract_background else jnp.zeros_like(bg_img)
+    # --- difference (§10): convolveTemplate S − K∗T − B; convolveScience (K∗S − T + B)/κ₀ = −(T − K∗S − B)/κ₀ ---
+    bg_sub = BackgroundModel(bg_coeffs, prep.box, cfg.spatial_bg_order, cfg.spatial_model_type).image(
+        (ny, nx), science.xy0, dtype=img_dtype
+    )
+    if not cfg.do_subtract_background:
+        bg_sub = jnp.zeros_like(bg_sub)
     k0 = kappa0.astype(img_dtype)
-    if plan.mode == "convolveTemplate":
-        diff_img = science.image - conv_img - bg_sub
-        diff_var = var_s + conv_var
-        diff_mask = mask_s | conv_mask
-        matched = Exposure(
-            conv_img,
-            conv_var,
-            conv_mask,
-            science.psf,
-            science.xy0,
-            template.photo_calib,
-            mask_planes=out_planes,
-        )
-        bg_model = background
-        psf_diff = science.psf
-        v_u_plane, v_c_plane = (var_s if pre is None else var_s_raw), t_var
-    else:
-        diff_img = (conv_img - t_img + bg_sub) / k0
-        diff_var = (conv_var + t_var) / k0**2
-        diff_mask = conv_mask | t_mask
-        matched = Exposure(
-            t_img / k0,
-            t_var / k0**2,
-            t_mask,
+    sign, scale = select(is_t, (jnp.ones((), img_dtype), jnp.ones((), img_dtype)), (-jnp.ones((), img_dtype), k0))
+    diff_img = sign * (rl.y_image - conv_img - bg_sub) / scale
+    diff_var = (rl.y_var + conv_var) / scale**2
+    diff_mask = rl.y_mask | conv_mask
+    calib = template.photo_calib
+    matched = select(
+        is_t,
+        Exposure(conv_img, conv_var, conv_mask, science.psf, science.xy0, calib, mask_planes=out_planes),
+        Exposure(
+            t_box.image / k0,
+            t_box.variance / k0**2,
+            t_box.mask,
             template.psf,
             science.xy0,
-            template.photo_calib,
+            calib,
             mask_planes=out_planes,
-        )
-        bg_model = BackgroundModel(-bg_coeffs / kappa0, box, Q_order, cfg.spatial_model_type)
-        psf_diff = template.psf
-        v_u_plane, v_c_plane = t_var, var_s
-
-    return dict(
-        st,
-        diff_img=diff_img,
-        diff_var=diff_var,
-        diff_mask=diff_mask,
-        matched=matched,
-        bg_model=bg_model,
-        psf_diff=psf_diff,
-        v_u_plane=v_u_plane,
-        v_c_plane=v_c_plane,
+        ),
     )
+    bg_model = BackgroundModel(
+        select(is_t, bg_coeffs, -bg_coeffs / kappa0), prep.box, cfg.spatial_bg_order, cfg.spatial_model_type
+    )
+    psf_diff = select(is_t, science.psf, template.psf)
+    var_u, var_c = select(is_t, (prep.var_s_raw, t_box.variance), (t_box.variance, prep.var_s))
 
-
-def _stage_decorrelate(st: dict, config: SubtractConfig, plan: Plan) -> SubtractResult:
-    """Decorrelate the difference and assemble the result (ALGORITHM §11, §13)."""
-    science = st["science"]
-    template = st["template"]
-    cfg = config
-    _, _, ny, nx, out_planes = _frame(template, science, cfg, plan)
-    var_s = st["var_s"]
-    t_img = st["t_img"]
-    t_var = st["t_var"]
-    pre = st["pre"]
-    kernel = st["kernel"]
-    diff_img = st["diff_img"]
-    diff_var = st["diff_var"]
-    diff_mask = st["diff_mask"]
-    matched = st["matched"]
-    bg_model = st["bg_model"]
-    psf_diff = st["psf_diff"]
-    v_u_plane = st["v_u_plane"]
-    v_c_plane = st["v_c_plane"]
-    fit = st["fit"]
-    theta = st["theta"]
-    kappa0 = st["kappa0"]
-    n_stamps = st["n_stamps"]
-    ok = st["ok"]
-    coverage = st["coverage"]
-    factor_s = st["factor_s"]
-    factor_t = st["factor_t"]
-    fail_s = st["fail_s"]
-    fail_t = st["fail_t"]
-    tg_img = st["tg_img"]
-    img_dtype = tg_img.dtype
     # --- decorrelation (§11) ---
-    good_s = standard_good(science.image, var_s, diff_mask, out_planes)
-    good_t = standard_good(t_img, t_var, diff_mask, out_planes)
-    good_u, good_c = (good_s, good_t) if plan.mode == "convolveTemplate" else (good_t, good_s)
+    good_s = standard_good(science.image, prep.var_s, diff_mask, out_planes)
+    good_t = standard_good(t_box.image, t_box.variance, diff_mask, out_planes)
+    good_u, good_c = select(is_t, (good_s, good_t), (good_t, good_s))
     if cfg.do_decorrelation:
-        from ._finalize import decorrelate_arrays, edge_pixels
-
         d_img, d_var, psf_diff, v_u, v_c = decorrelate_arrays(
             diff_img,
             diff_var,
-            v_u_plane,
-            v_c_plane,
+            var_u,
+            var_c,
             good_u,
             good_c,
             kernel,
             psf_diff,
-            science_matched=plan.mode == "convolveScience",
+            science_matched=(not is_t) if isinstance(is_t, bool) else ~is_t,
             preconv_kernel=None if pre is None else pre.kernel,
             excluded=edge_pixels(diff_mask, out_planes),
         )
     else:
         d_img, d_var = diff_img, diff_var
-        v_u = clipped_mean_std(v_u_plane, good_u, max_samples=2**16)[0]
-        v_c = clipped_mean_std(v_c_plane, good_c, max_samples=2**16)[0]
-    svar, tvar = (v_u, v_c) if plan.mode == "convolveTemplate" else (v_c, v_u)
-    difference = Exposure(
+        v_u, v_c = variance_level(var_u, good_u), variance_level(var_c, good_c)
+    svar, tvar = select(is_t, (v_u, v_c), (v_c, v_u))
+    diff = Exposure(
         d_img.astype(img_dtype),
         d_var.astype(img_dtype),
         diff_mask,
@@ -625,57 +517,51 @@ def _stage_decorrelate(st: dict, config: SubtractConfig, plan: Plan) -> Subtract
         science.photo_calib,
         mask_planes=out_planes,
     )
+    metadata = _metadata(prep, sel, fitted, cfg)
+    metadata.update(svar=svar, tvar=tvar)
+    return SubtractResult(diff, matched, bg_model, kernel, metadata)
 
-    status = jnp.where(
-        n_stamps < cfg.min_kernel_sources,
-        RESULTS.insufficient_sources,
-        jnp.where(
-            jnp.sum(fit.active) == 0,
-            RESULTS.no_candidates,
-            jnp.where(jnp.all(jnp.isfinite(theta)), RESULTS.successful, RESULTS.nonfinite_solution),
-        ),
+
+def _metadata(prep: Prepared, sel: Selection, fitted: Fitted, cfg: SubtractConfig) -> dict:
+    fit_result = fitted.fit
+    theta = fit_result.theta
+    # the first failure that applies, in the order the shell checks them (ALGORITHM §3, §6, §8)
+    status = jnp.select(
+        [
+            prep.coverage < cfg.required_template_fraction,
+            sel.n_stamps < cfg.min_kernel_sources,
+            jnp.sum(fit_result.active) == 0,
+            ~jnp.all(jnp.isfinite(theta)),
+        ],
+        [RESULTS.no_work, RESULTS.insufficient_sources, RESULTS.no_candidates, RESULTS.nonfinite_solution],
+        RESULTS.successful,
     ).astype(jnp.int32)
-    metadata = dict(
+    md = dict(
         status=status,
-        n_candidates=jnp.sum(ok),
-        n_stamps=n_stamps,
-        n_stamps_used=jnp.sum(fit.active),
-        kernel_sum=kappa0,
-        residual_mean=fit.residual_mean,
-        residual_std=fit.residual_std,
-        condition_number=fit.condition_number,
-        template_coverage=coverage,
-        n_iterations=fit.n_iterations,
-        n_rejected_single=fit.n_rejected_single,
-        n_rejected_ksum=fit.n_rejected_ksum,
-        n_rejected_spatial=fit.n_rejected_spatial,
-        science_variance_factor=factor_s,
-        template_variance_factor=factor_t,
-        variance_factor_failed=fail_s | fail_t,
-        svar=svar,
-        tvar=tvar,
+        convolves_template=jnp.asarray(prep.convolves_template),
+        n_candidates=sel.n_candidates,
+        n_stamps=sel.n_stamps,
+        n_stamps_used=jnp.sum(fit_result.active),
+        kernel_sum=fitted.kernel.coefficients[0, 0],
+        residual_mean=fit_result.residual_mean,
+        residual_std=fit_result.residual_std,
+        condition_number=fit_result.condition_number,
+        template_coverage=prep.coverage,
+        n_iterations=fit_result.n_iterations,
+        n_rejected_single=fit_result.n_rejected_single,
+        n_rejected_ksum=fit_result.n_rejected_ksum,
+        n_rejected_spatial=fit_result.n_rejected_spatial,
+        template_variance_factor=prep.factors[0],
+        science_variance_factor=prep.factors[1],
+        variance_factor_failed=prep.factor_failed,
+        basis_sigmas=sel.basis_widths,
+        basis_mode_code=sel.basis_code,
     )
-    if pre is not None:
-        metadata["n_interpolated"] = pre.n_interpolated
-    return SubtractResult(difference, matched, bg_model, kernel, metadata)
-
-
-def _new_entries(stage):
-    """The stage returning only the state entries it adds or replaces: an entry passed through a jitted call
-    is copied (at 4096² the prepared state is 1.3 GB and passing it through took 0.32 s per stage)."""
-
-    def run(st, *args):
-        out = stage(st, *args)
-        return {key: value for key, value in out.items() if key not in st or value is not st[key]}
-
-    return run
-
-
-_jit_prepare = eqx.filter_jit(_stage_prepare)
-_jit_select = eqx.filter_jit(_new_entries(_stage_select))
-_jit_fit = eqx.filter_jit(_new_entries(_stage_fit))
-_jit_convolve = eqx.filter_jit(_new_entries(_stage_convolve))
-_jit_decorrelate = eqx.filter_jit(_stage_decorrelate)
+    if prep.widths is not None:
+        md["template_psf_sigma"], md["science_psf_sigma"] = (jnp.sqrt(0.5 * jnp.sum(w**2)) for w in prep.widths)
+    if prep.pre is not None:
+        md["n_interpolated"] = prep.pre.n_interpolated
+    return md
 
 
 def _snr(image, variance, cy, cx, k):
@@ -703,3 +589,9 @@ def _repeated(cx, cy, ok, nx: int):
     sk = key[order]
     dup = jnp.concatenate([jnp.zeros(1, bool), sk[1:] == sk[:-1]])
     return jnp.zeros_like(ok).at[order].set(dup)
+
+
+_jit_prepare = eqx.filter_jit(prepare)
+_jit_select = eqx.filter_jit(select_stamps)
+_jit_fit = eqx.filter_jit(fit)
+_jit_difference = eqx.filter_jit(difference)

@@ -5,9 +5,9 @@ import time
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from . import _runtime as runtime
 from ._config import SubtractConfig, check_mode
 from ._detect import detect_sources
 from ._errors import RESULTS, InsufficientKernelSourcesError, NoKernelCandidatesError, NoWorkFound
@@ -15,11 +15,13 @@ from ._exposure import Exposure
 from ._finalize import finalize as _finalize
 from ._kernel import SpatialKernel
 from ._mask import bitmask
+from ._plan import facts, plan_from, psf_size_for, with_slots_for
+from ._psf import FWHM_PER_SIGMA
 from ._result import SubtractResult
 from ._sources import Sources
-from ._stats import usable
-from ._subtract import make_plan, psf_widths, subtract_staged
+from ._subtract import core_inputs, restore_wcs, subtract, subtract_staged
 from ._types import x64_enabled
+from .basis import BASIS_MODES
 
 
 def _box_str(e: Exposure) -> str:
@@ -51,26 +53,6 @@ def validate(template: Exposure, science: Exposure, config: SubtractConfig) -> N
         raise ValueError(f"template box {_box_str(template)} does not cover the science box {_box_str(science)}")
     if not _wcs_equal(template.wcs, science.wcs):
         raise ValueError("template and science WCS differ; resample the template onto the science pixel grid first")
-    for name, e in (("template", template), ("science", science)):
-        if not bool(_any_usable(e.image, e.variance)):
-            raise ValueError(f"{name} image has no finite pixel with variance > 0")
-
-
-@jax.jit
-def _any_usable(image, variance):
-    return jnp.any(usable(image, variance))
-
-
-def template_coverage(template: Exposure, science: Exposure) -> float:
-    """Fraction of science pixels with data in both images (NO_DATA in neither mask; ALGORITHM §3)."""
-    sx0, sy0, _, _ = science.bbox
-    tx0, ty0, _, _ = template.bbox
-    ny, nx = science.shape
-    tmask = np.asarray(template.mask)[sy0 - ty0 : sy0 - ty0 + ny, sx0 - tx0 : sx0 - tx0 + nx]
-    nd_t = bitmask(template.mask_planes, ["NO_DATA"])
-    nd_s = bitmask(science.mask_planes, ["NO_DATA"])
-    lacks = ((tmask & nd_t) != 0) | ((np.asarray(science.mask) & nd_s) != 0)
-    return 1.0 - float(np.mean(lacks))
 
 
 class AlardLuptonSubtract(eqx.Module):
@@ -78,11 +60,15 @@ class AlardLuptonSubtract(eqx.Module):
 
     Arguments:
         config: a `SubtractConfig`; its fields may also be given as keywords (they override it).
+        staged: run the four stages (prepare, select, fit, difference) as separately compiled programs and report
+            each one's wall time under `timing.<stage>` (for attribution; slower and larger than the default,
+            the fused `jd.subtract` program, whose stages the profiler shows as named scopes).
     """
 
     config: SubtractConfig = eqx.field(static=True)
+    staged: bool = eqx.field(static=True)
 
-    def __init__(self, config: SubtractConfig | None = None, **fields):
+    def __init__(self, config: SubtractConfig | None = None, staged: bool = False, **fields):
         config = SubtractConfig() if config is None else config
         if fields:
             unknown = set(fields) - {f.name for f in dataclasses.fields(SubtractConfig)}
@@ -90,6 +76,7 @@ class AlardLuptonSubtract(eqx.Module):
                 raise TypeError(f"unknown SubtractConfig field(s): {', '.join(sorted(unknown))}")
             config = config.replace(**fields)
         self.config = config
+        self.staged = bool(staged)
 
     def run(self, template: Exposure, science: Exposure, sources: Sources | None = None) -> SubtractResult:
         """PSF-match, subtract and (unless `do_decorrelation` is False) decorrelate; mode from the config."""
@@ -128,11 +115,23 @@ class AlardLuptonSubtract(eqx.Module):
             )
 
     def _run(self, template, science, sources, cfg: SubtractConfig) -> SubtractResult:
+        runtime.enter()
         timing = {}
         t0 = time.perf_counter()
-        with jax.enable_x64(True):
+        with jax.enable_x64(True), runtime.single_threaded_blas():
             validate(template, science, cfg)
-            coverage = template_coverage(template, science)
+            psf_size = psf_size_for(template, science, cfg)
+            t_in, s_in, _ = core_inputs(template, science, None, psf_size=psf_size)
+            found = facts(t_in, s_in)
+            for name in ("template", "science"):
+                if not found[f"{name}_usable"]:
+                    raise ValueError(f"{name} image has no finite pixel with variance > 0")
+                if found[f"{name}_bad_variance"]:
+                    raise ValueError(
+                        f"{name} variance must be finite and >= 0 where the image is finite; "
+                        f"{found[f'{name}_bad_variance']} pixels are not"
+                    )
+            coverage = found["coverage"]
             if coverage < cfg.required_template_fraction:
                 raise NoWorkFound(
                     f"template covers {coverage:.1%} of the science image, less than the required "
@@ -140,15 +139,23 @@ class AlardLuptonSubtract(eqx.Module):
                 )
             if sources is None:
                 bad = bitmask(science.mask_planes, cfg.exclude_mask_planes)
-                sources = detect_sources(science, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
-            n_valid = sources.n_valid if len(sources) else 0
+                sources = detect_sources(s_in, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
+            n_valid = sources.n_valid
             if n_valid == 0:
                 raise _fit_failure(InsufficientKernelSourcesError(0, cfg.min_kernel_sources), coverage, cfg)
-            plan = make_plan(template, science, sources, cfg)
+            widths = ([found["template_widths"]], [found["science_widths"]])
+            plan = with_slots_for(plan_from(science.shape, len(sources), cfg, widths, psf_size), n_valid)
             timing["checks"] = time.perf_counter() - t0
-            result, stage_times = subtract_staged(template, science, sources, cfg, plan, time.perf_counter)
-            timing.update(stage_times)
-            md = {k: np.asarray(v).item() for k, v in jax.device_get(result.metadata).items()}
+            src = sources.padded(plan.capacity)
+            if self.staged:
+                result, stage_times = subtract_staged(t_in, s_in, src, cfg, plan, time.perf_counter)
+                timing.update(stage_times)
+            else:
+                t1 = time.perf_counter()
+                result = jax.block_until_ready(subtract(t_in, s_in, src, cfg, plan))
+                timing["subtract"] = time.perf_counter() - t1
+            result = restore_wcs(result, science.wcs)
+            md = {k: _plain(v) for k, v in jax.device_get(result.metadata).items()}
         status = RESULTS(int(md["status"]))
         if status == RESULTS.insufficient_sources:
             err = InsufficientKernelSourcesError(md["n_stamps"], cfg.min_kernel_sources)
@@ -157,29 +164,39 @@ class AlardLuptonSubtract(eqx.Module):
             raise _fit_failure(NoKernelCandidatesError("no kernel candidate survived rejection"), coverage, cfg)
         if status == RESULTS.nonfinite_solution:
             raise _fit_failure(RuntimeError("the kernel solution is not finite"), coverage, cfg)
-        if md["variance_factor_failed"]:
+        if md.pop("variance_factor_failed"):
             raise RuntimeError(
                 "variance rescaling factor exceeds 10 by both estimators; the variance planes do not describe "
                 "the pixel noise (set do_scale_variance=False to skip rescaling)"
             )
         timing["total"] = time.perf_counter() - t0
-        wt, ws = psf_widths(template.psf), psf_widths(science.psf)
+        mode = "convolveTemplate" if md.pop("convolves_template") else "convolveScience"
         metadata = dict(md)
-        metadata.pop("variance_factor_failed")
         metadata.update(
-            mode=plan.mode,
+            mode=mode,
             mode_requested=cfg.mode,
-            convolved_exposure="template" if plan.mode == "convolveTemplate" else "science",
+            convolved_exposure="template" if mode == "convolveTemplate" else "science",
             kernel_size=plan.k,
-            basis_mode=plan.basis_mode,
-            basis_sigmas=list(plan.basis_sigmas),
+            basis_mode=BASIS_MODES[int(metadata.pop("basis_mode_code"))],
+            basis_sigmas=list(metadata["basis_sigmas"]) if cfg.kernel_basis == "alard-lupton" else [],
             basis_degrees=list(cfg.al_deg_gauss) if cfg.kernel_basis == "alard-lupton" else [],
             template_coverage=coverage,
-            template_psf_fwhm=None if wt is None else 2.3548 * float(np.sqrt(0.5 * (wt[0] ** 2 + wt[1] ** 2))),
-            science_psf_fwhm=None if ws is None else 2.3548 * float(np.sqrt(0.5 * (ws[0] ** 2 + ws[1] ** 2))),
+            template_psf_fwhm=_fwhm(found["template_widths"]),
+            science_psf_fwhm=_fwhm(found["science_widths"]),
         )
         metadata.update({f"timing.{k}": v for k, v in timing.items()})
         return _caller_precision(dataclasses.replace(result, metadata=metadata))
+
+
+def _plain(value):
+    """A metadata value as a Python scalar, or a list for an array."""
+    arr = np.asarray(value)
+    return arr.item() if arr.ndim == 0 else arr.tolist()
+
+
+def _fwhm(widths) -> float | None:
+    """FWHM (pixels) from (σx, σy), or None."""
+    return None if widths is None else FWHM_PER_SIGMA * float(np.sqrt(0.5 * (widths[0] ** 2 + widths[1] ** 2)))
 
 
 def _caller_precision(tree):

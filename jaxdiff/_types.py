@@ -34,3 +34,12 @@ def float_dtype(x=None):
 def is_concrete(tree) -> bool:
     """True when no leaf of `tree` is a tracer (the values are known now, outside jit/vmap/grad tracing)."""
     return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+def select(flag, if_true, if_false):
+    """`if_true` or `if_false` by a flag that is a Python bool (picked now, no cost) or a traced boolean scalar
+    (picked leaf by leaf with `jnp.where`; both trees must have one structure). Used where a decision such as
+    the subtraction mode is static for a fixed mode and decided inside the program for `mode="auto"`."""
+    if isinstance(flag, bool):
+        return if_true if flag else if_false
+    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)

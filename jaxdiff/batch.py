@@ -1,8 +1,9 @@
 """Many subtractions: `vmap` over stacked pairs, device-sized batches (sharded over all devices), Dask.
 
-All pairs of one call must share shapes, mask-plane tables, PSF types and source count: they go through one
-compiled program. The static plan (mode, kernel size, stamp capacity) is made from the first pair, so pairs
-whose PSFs would lead `jd.subtract` to another kernel size or mode should be run in separate calls.
+Pairs of one call must share image shapes and mask-plane tables; their PSFs, source counts and coverage may
+differ. One plan serves the whole call: sources are padded to one capacity, image PSFs to one side, and the
+kernel size is the largest any pair needs; the mode (under `mode="auto"`) and the basis widths are decided per
+pair inside the program, so every pair gets what a single `jd.subtract` call would give it.
 """
 
 import dataclasses
@@ -15,13 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from . import _runtime as runtime
 from ._config import SubtractConfig
+from ._errors import RESULTS
 from ._exposure import Exposure
 from ._io import read_exposure, write_exposure
+from ._plan import Plan, make_plan, with_slots_for
 from ._result import SubtractResult
 from ._sources import Sources
-from ._subtract import Plan, _strip_wcs, _with_wcs, core, make_plan
-from ._threads import run_blocking
+from ._subtract import core, core_inputs, restore_wcs
 
 _AXIS = "pairs"
 _PER_DEVICE = 4  # default pairs per device and batch: enough to amortise dispatch, small in memory
@@ -52,12 +55,12 @@ def _batched_core(templates: Exposure, sciences: Exposure, sources: Sources, con
     return eqx.filter_vmap(core, in_axes=(0, 0, 0, None, None))(templates, sciences, sources, config, plan)
 
 
-def _first(tree):
-    return jax.tree.map(lambda x: x[0], tree)
-
-
 def subtract_batch(
-    templates: Exposure, sciences: Exposure, sources: Sources, config: SubtractConfig | None = None
+    templates: Exposure,
+    sciences: Exposure,
+    sources: Sources,
+    config: SubtractConfig | None = None,
+    plan: Plan | None = None,
 ) -> SubtractResult:
     """`jd.subtract` vmapped over stacked pairs of one shape (one compilation per shape and config).
 
@@ -65,29 +68,44 @@ def subtract_batch(
         templates, sciences: exposures stacked with `stack` (leading axis B, no WCS).
         sources: stacked `Sources` (B, n).
         config: a `SubtractConfig` shared by all pairs (default: LSST's defaults).
+        plan: the static plan (default: `jd.make_plan` of the stacked inputs, which serves every pair).
 
     Returns:
         A `SubtractResult` whose leaves have a leading axis B; `metadata` holds (B,) arrays. When B is a
         multiple of the device count, the batch axis is sharded over all devices (as in `run_many`).
     """
     config = SubtractConfig() if config is None else config
-    plan = make_plan(_first(templates), _first(sciences), _first(sources), config)
-    batch = (_strip_wcs(templates), _strip_wcs(sciences), sources)
+    plan = make_plan(templates, sciences, sources, config) if plan is None else plan
+    batch = core_inputs(templates, sciences, sources, psf_size=plan.psf_size, capacity=plan.capacity)
     if templates.image.shape[0] % jax.device_count() == 0:
         batch = jax.device_put(batch, _sharding())
-    return run_blocking(_batched_core, *batch, config, plan)
+    return _batched_core(*batch, config, plan)
 
 
-def _check_pairs(pairs) -> None:
+def plan_for_pairs(pairs: Sequence[tuple[Exposure, Exposure, Sources]], config: SubtractConfig) -> Plan:
+    """One plan that serves every pair: the largest kernel size, source capacity and PSF side any pair needs, and
+    stamp slots for the largest number of valid sources (see `jd.make_plan`)."""
     if len(pairs) == 0:
         raise ValueError("run_many needs at least one (template, science, sources) pair, got none")
-    ref = jax.tree.structure(tuple(_strip_wcs(e) for e in pairs[0][:2]) + (pairs[0][2],))
-    shapes = [np.shape(x) for x in jax.tree.leaves(pairs[0])]
-    for i, (t, s, src) in enumerate(pairs):
-        tree = (_strip_wcs(t), _strip_wcs(s), src)
+    plans = [make_plan(t, s, src, config) for t, s, src in pairs]
+    sizes = [p.psf_size for p in plans]
+    plan = dataclasses.replace(
+        plans[0],
+        k=max(p.k for p in plans),
+        n_slots=max(p.n_slots for p in plans),
+        capacity=max(p.capacity for p in plans),
+        psf_size=None if None in sizes else max(sizes),
+    )
+    return with_slots_for(plan, max(src.n_valid for _, _, src in pairs))
+
+
+def _check_layout(prepared) -> None:
+    ref = jax.tree.structure(prepared[0])
+    shapes = [np.shape(x) for x in jax.tree.leaves(prepared[0])]
+    for i, tree in enumerate(prepared):
         if jax.tree.structure(tree) != ref or [np.shape(x) for x in jax.tree.leaves(tree)] != shapes:
             raise ValueError(
-                f"pair {i} differs from pair 0 in shapes, mask planes, PSF type or source count; "
+                f"pair {i} differs from pair 0 in image shape, mask planes or PSF model type; "
                 "run pairs of different layouts in separate run_many calls"
             )
 
@@ -121,33 +139,29 @@ def run_many(
     """
     from tqdm.auto import tqdm
 
+    runtime.enter()
     pairs = list(pairs)
-    _check_pairs(pairs)
     config = SubtractConfig() if config is None else config
+    plan = plan_for_pairs(pairs, config)
+    prepared = [core_inputs(t, s, src, psf_size=plan.psf_size, capacity=plan.capacity) for t, s, src in pairs]
+    _check_layout(prepared)
     n_dev = jax.device_count()
     size = _PER_DEVICE * n_dev if batch_size is None else int(batch_size)
     if size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     size = -(-size // n_dev) * n_dev
-    template0, science0, sources0 = pairs[0]
-    plan = make_plan(template0, science0, sources0, config)
     sharding = _sharding()
     results = []
     with tqdm(total=len(pairs), disable=not progress, unit="pair", desc="subtract") as bar:
         for start in range(0, len(pairs), size):
-            chunk = pairs[start : start + size]
+            chunk = prepared[start : start + size]
             padded = chunk + [chunk[-1]] * (size - len(chunk))
-            batch = tuple(stack([_strip_wcs(p[j]) if j < 2 else p[j] for p in padded]) for j in range(3))
+            batch = tuple(stack([p[j] for p in padded]) for j in range(3))
             batch = jax.device_put(batch, sharding)
-            out = jax.device_get(run_blocking(_batched_core, *batch, config, plan))
-            for (_, science, _), result in zip(chunk, unstack(out, len(chunk)), strict=True):
-                results.append(
-                    dataclasses.replace(
-                        result,
-                        difference=_with_wcs(result.difference, science.wcs),
-                        matched_template=_with_wcs(result.matched_template, science.wcs),
-                    )
-                )
+            with runtime.single_threaded_blas():
+                out = jax.device_get(_batched_core(*batch, config, plan))
+            for (_, science, _), result in zip(pairs[start : start + size], unstack(out, len(chunk)), strict=True):
+                results.append(restore_wcs(result, science.wcs))
             bar.update(len(chunk))
     return results
 
@@ -162,19 +176,70 @@ def _difference_path(out_dir: str | None, science_path: str) -> str:
     return os.path.join(folder, f"{stem}_diff.fits")
 
 
+def run_files(
+    items: Sequence[tuple[str, str, Sources]],
+    config: SubtractConfig | None = None,
+    batch_size: int | None = None,
+    out_dir: str | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Subtract FITS pairs from disk in batches, reading the next batch while the current one runs.
+
+    A background thread reads batch i + 1 with `jd.read_exposure` while the device subtracts batch i, so the
+    device does not wait on FITS reads; each difference is written with `jd.write_exposure`. A pair that fails
+    (too little template coverage, too few kernel stars, ...) is reported in its row; the others go on.
+
+    Arguments:
+        items: (template path, science path, `jd.Sources`) triples of one image shape.
+        config: a `SubtractConfig` (None: LSST's defaults).
+        batch_size: pairs per batch (default: 4 per device).
+        out_dir: folder for the differences, `<science stem>_diff.fits`, made when missing (default: beside each
+            science file).
+        progress: show a tqdm progress bar (in pairs).
+
+    Returns:
+        One dict per pair, in order: `science`, `difference` (path written, None when the pair failed),
+        `status` (a `jd.RESULTS` name), `message` and `metadata` (plain Python numbers).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    items = [(os.fspath(t), os.fspath(s), src) for t, s, src in items]
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+    size = _PER_DEVICE * jax.device_count() if batch_size is None else int(batch_size)
+    if size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    read = lambda chunk: [(read_exposure(t), read_exposure(s), src) for t, s, src in chunk]
+    rows = []
+    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=len(items), disable=not progress, unit="pair") as bar:
+        ahead = pool.submit(read, chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            pairs = ahead.result()
+            ahead = pool.submit(read, chunks[i + 1]) if i + 1 < len(chunks) else None
+            for (_, science_path, _), result in zip(chunk, run_many(pairs, config, size, progress=False), strict=True):
+                meta = {k: np.asarray(v).tolist() for k, v in result.metadata.items()}
+                status = RESULTS(int(meta["status"]))
+                path = None
+                if status == RESULTS.successful:
+                    path = _difference_path(out_dir, science_path)
+                    write_exposure(path, result.difference)
+                rows.append(
+                    dict(
+                        science=science_path, difference=path, status=status.name, message=status.message, metadata=meta
+                    )
+                )
+            bar.update(len(chunk))
+    return rows
+
+
 def _subtract_files(items: list, config: SubtractConfig, out_dir: str | None, batch_size: int) -> list[dict]:
-    """One Dask task: read the FITS pairs, run them with `run_many`, write the differences."""
+    """One Dask task: `run_files` on its share of the pairs."""
     # A worker is an entry point: like the task, it computes in float64 (float64 files stay float64).
     with jax.enable_x64(True):
-        pairs = [(read_exposure(t), read_exposure(s), src) for t, s, src in items]
-        results = run_many(pairs, config, batch_size=batch_size, progress=False)
-        out = []
-        for (_, science_path, _), result in zip(items, results, strict=True):
-            path = _difference_path(out_dir, science_path)
-            write_exposure(path, result.difference)
-            meta = {k: np.asarray(v).item() for k, v in result.metadata.items()}
-            out.append(dict(science=science_path, difference=path, metadata=meta))
-    return out
+        return run_files(items, config, batch_size, out_dir, progress=False)
 
 
 def dask_map(
@@ -199,8 +264,8 @@ def dask_map(
             science file); science files must have distinct names when they share an output folder.
 
     Returns:
-        One dict per pair, in order: `science` (input path), `difference` (output path) and `metadata`
-        (plain Python numbers from `jd.subtract`'s metadata, `status` a `jd.RESULTS` code).
+        One dict per pair, in order, as `run_files` returns them: `science`, `difference` (None for a failed
+        pair), `status` (a `jd.RESULTS` name), `message` and `metadata`.
     """
     config = SubtractConfig() if config is None else config
     if batch_size < 1:

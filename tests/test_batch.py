@@ -83,8 +83,38 @@ def test_dask_local_cluster_equals_serial_loop(serial, tmp_path):
         client.run(exec, "import jax; jax.config.update('jax_enable_x64', True)")
         rows = dask_map(items, CONFIG, client, batch_size=8, out_dir=str(out_dir))
     assert len(rows) == len(pairs)
+    assert any(row["difference"] is not None for row in rows)
     for row, d, m in zip(rows, diffs, metas, strict=True):
-        diff = jd.read_exposure(row["difference"])
-        _same_difference(diff, d)
-        assert row["metadata"]["status"] == int(m["status"])
+        assert row["metadata"]["status"] == int(m["status"]) and row["status"] == jd.RESULTS(int(m["status"])).name
         assert_allclose(row["metadata"]["kernel_sum"], float(m["kernel_sum"]), rtol=1e-10)
+        if row["difference"] is not None:  # failed pairs are reported, not written
+            _same_difference(jd.read_exposure(row["difference"]), d)
+
+
+def test_run_files_reads_ahead_and_reports_failed_pairs(tmp_path):
+    """Pairs with different PSF widths and source counts from FITS files; a pair whose template is NO_DATA
+    almost everywhere comes back with status `no_work` while the others are written and equal single calls."""
+    from jaxdiff.batch import run_files
+
+    items, singles = [], []
+    for i, (st, ss, n) in enumerate([(1.8, 2.2, 40), (2.1, 2.4, 60), (1.6, 2.1, 50)]):
+        p = jd.sim.reference_pair(
+            (160, 160), n_stars=n, seed=40 + i, flux_range=(3000, 8000), template_sigma=st, science_sigma=ss
+        )
+        template = p.template
+        if i == 1:
+            mask = np.array(template.mask)
+            mask[:, 8:] |= 1 << jd.MASK_PLANES["NO_DATA"]
+            template = jd.Exposure(template.image, template.variance, mask, template.psf, template.xy0)
+        t_path, s_path = tmp_path / f"t{i}.fits", tmp_path / f"s{i}.fits"
+        jd.write_exposure(t_path, template)
+        jd.write_exposure(s_path, p.science)
+        items.append((t_path, s_path, p.sources))
+        singles.append(jd.subtract(jd.read_exposure(t_path), jd.read_exposure(s_path), p.sources, CONFIG))
+    rows = run_files(items, CONFIG, batch_size=2, out_dir=str(tmp_path / "out"), progress=False)
+    assert [r["status"] for r in rows] == ["successful", "no_work", "successful"]
+    assert rows[1]["difference"] is None and "required_template_fraction" in rows[1]["message"]
+    for row, single in zip(rows, singles, strict=True):
+        assert row["metadata"]["status"] == int(single.metadata["status"])
+        if row["difference"] is not None:
+            _same_difference(jd.read_exposure(row["difference"]), jax.device_get(single.difference), rtol=1e-6)

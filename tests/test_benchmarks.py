@@ -43,3 +43,29 @@ def test_quick_benchmark_writes_complete_finite_report(tmp_path):
     assert abs(quality["flux_bias"]) < 0.05
     assert entry["peers"] == {}
     assert "jaxdiff" in proc.stdout and "256" in proc.stdout
+
+
+@pytest.mark.slow
+def test_quick_stream_benchmark_reports_compiles_and_cache_hits(tmp_path):
+    """`benchmarks/stream.py --quick`: three distinct 256² pairs in a cold process, then three new ones in a second
+    process that finds the first one's persistent cache and compiles less."""
+    out = tmp_path / "stream.json"
+    proc = subprocess.run(
+        [sys.executable, str(RUN.with_name("stream.py")), "--quick", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    cold = report["stream"]["summary"]["256"]
+    second = report["second_process"]["summary"]["256"]
+    assert len(report["stream"]["pairs"]) == 3 and len(report["second_process"]["pairs"]) == 3
+    assert cold["compiles"] >= 2 and second["compiles"] < cold["compiles"]
+    pairs = report["stream"]["pairs"]
+    for i in range(2, len(pairs)):  # a kernel size seen before, with and without sources: nothing new to compile
+        if pairs[i]["kernel_size"] in {p["kernel_size"] for p in pairs[:i]}:
+            assert pairs[i]["compiles"] == 0, pairs
+    for p in report["stream"]["pairs"] + report["second_process"]["pairs"]:
+        assert 0.8 < p["noise"] < 1.2, p
+    assert math.isfinite(cold["warm_s"]) and cold["warm_s"] > 0

@@ -117,12 +117,12 @@ def test_variance_shape_mismatch_raises():
         jd.Exposure(np.zeros((4, 5)), np.ones((5, 4)))
 
 
-@pytest.mark.parametrize("bad", [-1.0, np.inf, np.nan])
-def test_bad_variance_raises(bad):
+def test_construction_checks_shapes_not_values():
+    """Values are the task's to check (`test_task.py`): construction copies nothing to the host, so it stays cheap
+    inside programs and for cut-outs."""
     variance = np.ones((4, 5))
-    variance[2, 3] = bad
-    with pytest.raises(ValueError, match=r"variance.*finite and >= 0.*\(2, 3\)"):
-        jd.Exposure(np.zeros((4, 5)), variance)
+    variance[2, 3] = -1.0
+    assert float(jd.Exposure(np.zeros((4, 5)), variance).variance[2, 3]) == -1.0
 
 
 def test_nan_variance_allowed_where_image_is_nan():

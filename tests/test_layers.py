@@ -8,10 +8,10 @@ import jaxdiff
 PACKAGE = Path(jaxdiff.__file__).resolve().parent  # the imported package (the installed one in `make test-wheel`)
 
 LAYERS = {
-    1: {"_types", "_errors", "_mask", "_threads"},
+    1: {"_types", "_errors", "_mask", "_runtime"},
     2: {"spatial", "basis", "stamps", "convolve", "solvers", "decorrelate", "_stats"},
     3: {"_psf", "_exposure", "_sources", "_kernel", "_background", "_config", "_result"},
-    4: {"_subtract", "_fit", "_prepare", "_preconvolve", "_finalize"},
+    4: {"_plan", "_subtract", "_fit", "_prepare", "_preconvolve", "_finalize"},
     5: {"_task", "_io", "_sim", "_plot", "_detect", "real", "datasets", "batch", "forward"},
     6: {"_cli", "__main__", "__init__", "sim", "lsst"},
 }

@@ -167,11 +167,11 @@ def test_all_masked_region(pair, task, base_z):
 # ---------------------------------------------------------------------------------- bad variances
 
 
-def test_negative_variance_rejected(pair):
+def test_negative_variance_rejected(pair, task):
     var = np.array(pair.science.variance)
     var[10, 10] = -1.0
     with pytest.raises(ValueError, match="variance.*>= 0"):
-        _replace(pair.science, variance=var)
+        task.run(pair.template, _replace(pair.science, variance=var), pair.sources)
 
 
 def test_zero_variance_pixels_unusable(pair, task, base, base_z):

@@ -27,7 +27,7 @@ def test_defaults():
 
 def test_from_table_with_xy_columns():
     table = Table({"x": [10.5, 20.0, 30.0], "y": [5.0, 6.0, 7.25], "flux": [3.0, 2.0, 1.0]})
-    sources = jd.Sources.from_table(table)
+    sources = jd.Sources.from_table(table, capacity=len(table))
     assert_allclose(sources.x, table["x"])
     assert_allclose(sources.y, table["y"])
     assert_allclose(sources.flux, table["flux"])
@@ -43,7 +43,7 @@ def test_from_table_with_lsst_slot_columns():
             "id": [1, 2],
         }
     )
-    sources = jd.Sources.from_table(table)
+    sources = jd.Sources.from_table(table, capacity=len(table))
     assert_allclose(sources.x, [101.0, 202.0])
     assert_allclose(sources.y, [11.0, 22.0])
     assert_allclose(sources.flux, [5.0, 7.0])
@@ -77,13 +77,13 @@ def test_non_finite_and_masked_rows_are_invalid():
             "y": [5.0, 6.0, np.nan, 8.0],
         }
     )
-    sources = jd.Sources.from_table(table)
+    sources = jd.Sources.from_table(table, capacity=len(table))
     np.testing.assert_array_equal(sources.valid, [True, False, False, True])
     assert np.all(np.isfinite(sources.x)) and np.all(np.isfinite(sources.y))
 
 
 def test_mapping_of_columns_is_accepted():
-    sources = jd.Sources.from_table({"x": np.array([1.0, 2.0]), "y": np.array([3.0, 4.0])})
+    sources = jd.Sources.from_table({"x": np.array([1.0, 2.0]), "y": np.array([3.0, 4.0])}, capacity=2)
     assert_allclose(sources.y, [3.0, 4.0])
 
 
@@ -110,3 +110,12 @@ def test_jit_and_vmap_over_stacked_lists():
 def test_shape_mismatch_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         jd.Sources(**kwargs)
+
+
+def test_from_table_pads_to_the_source_capacity_by_default():
+    """Tables of any length give the same shapes (and compiled programs): padded to a multiple of 1024."""
+    short = jd.Sources.from_table(Table({"x": [1.0, 2.0], "y": [3.0, 4.0]}))
+    long = jd.Sources.from_table(Table({"x": np.arange(1030.0), "y": np.arange(1030.0)}))
+    assert len(short) == 1024
+    assert len(long) == 2048 and long.n_valid == 1030 and short.n_valid == 2
+    assert not bool(np.any(np.asarray(short.valid)[2:]))

@@ -44,11 +44,6 @@ def stamp_designs(stamps: Float[Array, "N s s"], fx, fy, mix, x_groups=None) -> 
     return jnp.einsum("br,nrpi->nbpi", mix.astype(stamps.dtype), zy)
 
 
-def stamp_design(stamp: Float[Array, "s s"], fx, fy, mix) -> Float[Array, "n c c"]:
-    """`stamp_designs` for one stamp."""
-    return stamp_designs(stamp[None], fx, fy, mix)[0]
-
-
 def stamp_normal(design, target, weight):
     """M_s = C̃ᵀ w C̃ and b_s = C̃ᵀ w t with C̃ = [C_b, 1] (background column last).
 

@@ -1,0 +1,309 @@
+"""The static plan of a subtraction (ALGORITHM §2): the few decisions that fix array shapes.
+
+Only shapes and program structure are static. Everything that follows from the data — PSF widths, basis
+widths, the resolved mode under `mode="auto"`, which sources are usable — is computed inside the compiled
+program, so a new pair reuses the program of the last pair of the same image size. What remains static is
+chosen from small fixed sets:
+
+- the kernel side `k`: the size ip_diffim would use (6 × the largest basis width, clamped to
+  [kernel_size_min, kernel_size_max]) rounded *up* to the next of `config.kernel_size_buckets`;
+- the source capacity: source lists are padded to a multiple of `SOURCE_CAPACITY` (1024, above LSST's
+  1000 kernel stars), and the fit's stamp slots are the next of `SLOT_SIZES` (128, 256, 512, 1024) above the
+  number of valid sources (capped by `max_kernel_sources`): each slot costs the fit work whether or not it
+  holds a star, so the slots follow the star count in four steps;
+- the PSF image side: image PSFs are zero-padded to the next of `PSF_SIZES` (the moments, the detection filter
+  and the decorrelated difference PSF do not change under zero padding).
+"""
+
+import dataclasses
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import basis as _basis
+from ._config import SubtractConfig, check_mode
+from ._exposure import Exposure
+from ._mask import bitmask
+from ._psf import GridPsf, ImagePsf, Psf
+from ._sources import Sources, capacity_for
+from ._stats import usable
+from ._types import is_concrete
+
+SLOT_SIZES = (128, 256, 512, 1024)  # stamp slots of the fit, then multiples of 1024
+PSF_SIZES = (41, 65, 101, 161)
+PRECONVOLUTION_WIDTH = math.sqrt(2.0)  # the score image's PSF is P ∗ P: √2 × the science PSF width (§12)
+
+
+class PlanError(ValueError):
+    """A traced call needs a static decision it cannot take from traced values: pass a plan."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static decisions taken before tracing; they fix every shape of the compiled program.
+
+    Attributes:
+        mode: "convolveTemplate", "convolveScience", or "auto" (decided inside the program from the PSF widths).
+        k: kernel side (odd), one of `config.kernel_size_buckets` (or `config.kernel_size`).
+        n_slots: stamp slots of the fit, one of `SLOT_SIZES` (or a multiple of 1024).
+        capacity: length the source list is padded to.
+        psf_size: side image PSFs are padded to (None: PSFs are used as given).
+    """
+
+    mode: str
+    k: int
+    n_slots: int
+    capacity: int
+    psf_size: int | None = None
+
+
+@eqx.filter_jit
+def _facts(template: Exposure, science: Exposure):
+    """One compiled call for what the shell needs before the core: PSF widths (σx, σy) of both images
+    (NaN without a PSF), template coverage (§3), whether each image has a usable pixel and how many pixels
+    have an invalid variance."""
+    return dict(
+        template_widths=_widths(template.psf, False),
+        science_widths=_widths(science.psf, False),
+        coverage=coverage(template, science),
+        template_usable=jnp.any(usable(template.image, template.variance)),
+        science_usable=jnp.any(usable(science.image, science.variance)),
+        template_bad_variance=_bad_variance(template),
+        science_bad_variance=_bad_variance(science),
+    )
+
+
+def _bad_variance(e: Exposure):
+    """Pixels with a finite image value but a non-finite or negative variance."""
+    return jnp.sum(jnp.isfinite(e.image) & ~(jnp.isfinite(e.variance) & (e.variance >= 0)))
+
+
+def facts(template: Exposure, science: Exposure) -> dict:
+    """`_facts` fetched to the host in one transfer: Python floats and bools, widths as (σx, σy) or None."""
+    out = jax.device_get(_facts(template, science))
+    res = {k: v.item() for k, v in out.items() if np.ndim(v) == 0}
+    for name, e in (("template", template), ("science", science)):
+        res[f"{name}_widths"] = _checked_widths(out[f"{name}_widths"], e.psf, name)[0]
+    return res
+
+
+def _widths(psf: Psf | None, batched: bool):
+    """(σx, σy) from adaptive moments, shape (2,) or (B, 2) for a stacked batch; NaN without a PSF."""
+    if psf is None:
+        return jnp.full(2, jnp.nan)
+    one = lambda p: jnp.stack(p.sigma_xy()).astype(float)
+    return eqx.filter_vmap(one)(psf) if batched else one(psf)
+
+
+def _checked_widths(w, psf, name: str) -> list:
+    """Host widths as a list of (σx, σy) tuples (one per pair), or [None] without a PSF."""
+    if psf is None:
+        return [None]
+    w = np.asarray(w, dtype=np.float64).reshape(-1, 2)
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"the {name} PSF width cannot be measured at its centre (adaptive moments failed)")
+    return [(float(a), float(b)) for a, b in w]
+
+
+def coverage(template: Exposure, science: Exposure):
+    """Fraction of science pixels with data in both images: NO_DATA set in neither mask (ALGORITHM §3).
+
+    Template pixels outside the template's array count as lacking data. Traceable: xy0 may be traced.
+    """
+    ny, nx = science.shape
+    nd_t = bitmask(template.mask_planes, ["NO_DATA"])
+    nd_s = bitmask(science.mask_planes, ["NO_DATA"])
+    dy = science.xy0[1] - template.xy0[1]
+    dx = science.xy0[0] - template.xy0[0]
+    rows = jnp.arange(ny) + dy
+    cols = jnp.arange(nx) + dx
+    ty, tx = template.shape
+    inside = ((rows >= 0) & (rows < ty))[:, None] & ((cols >= 0) & (cols < tx))[None, :]
+    t_mask = template.mask[jnp.clip(rows, 0, ty - 1)][:, jnp.clip(cols, 0, tx - 1)]
+    lacks = ~inside | ((t_mask & nd_t) != 0) | ((science.mask & nd_s) != 0)
+    return 1.0 - jnp.mean(lacks.astype(jnp.float32))
+
+
+def resolve_mode(mode: str, w_template, w_science) -> str:
+    """`auto` → convolve the template iff σx(T) ≤ σx(S) or σy(T) ≤ σy(S) (concrete widths; §2)."""
+    check_mode(mode)
+    if mode != "auto":
+        return mode
+    if w_template is None or w_science is None:
+        return "convolveTemplate"
+    (tx, ty), (sx, sy) = w_template, w_science
+    return "convolveTemplate" if (tx <= sx or ty <= sy) else "convolveScience"
+
+
+def convolves_template(mode: str, w_template, w_science):
+    """The mode decision as a boolean: a Python bool for a fixed mode, a traced one for `auto` (§2).
+
+    Arguments:
+        mode: the plan's mode.
+        w_template, w_science: (σx, σy) arrays of the two PSFs (may be traced), or None without a PSF.
+    """
+    if mode != "auto":
+        return mode == "convolveTemplate"
+    if w_template is None or w_science is None:
+        return True
+    return (w_template[0] <= w_science[0]) | (w_template[1] <= w_science[1])
+
+
+def kernel_size_for(config: SubtractConfig, w_template, w_science, mode: str) -> int:
+    """The kernel side for concrete widths: ip_diffim's FWHM rule, then rounded up to a bucket (§5.1).
+
+    With `mode="auto"` the larger of the two modes' sizes is used, so the program serves both outcomes.
+    """
+    if config.kernel_basis != "alard-lupton" or not config.scale_by_fwhm or w_template is None or w_science is None:
+        return config.kernel_size
+    st = math.sqrt(0.5 * (w_template[0] ** 2 + w_template[1] ** 2))
+    ss = math.sqrt(0.5 * (w_science[0] ** 2 + w_science[1] ** 2))
+    if config.use_preconvolution:
+        ss *= PRECONVOLUTION_WIDTH
+    orders = {"convolveTemplate": [(st, ss)], "convolveScience": [(ss, st)], "auto": [(st, ss), (ss, st)]}[mode]
+    sizes = []
+    for sx, sy in orders:
+        widths, _ = _basis.alard_lupton_widths(sx, sy, **width_kwargs(config))
+        sizes.append(
+            _basis.kernel_size(
+                np.asarray(widths),
+                fwhm_scaling=config.kernel_size_fwhm_scaling,
+                size_min=config.kernel_size_min,
+                size_max=config.kernel_size_max,
+            )
+        )
+    return bucket(max(sizes), config.kernel_size_buckets)
+
+
+def bucket(value: int, sizes) -> int:
+    """The smallest of `sizes` at least `value` (the largest when none is), or `value` when `sizes` is empty."""
+    sizes = sorted(int(s) for s in sizes)
+    if not sizes:
+        return int(value)
+    return next((s for s in sizes if s >= value), sizes[-1])
+
+
+def width_kwargs(config: SubtractConfig) -> dict:
+    """The Alard–Lupton width options of `config` as keywords of `basis.alard_lupton_widths`."""
+    return dict(
+        sig_gauss=tuple(config.al_sig_gauss),
+        beta=config.al_gauss_beta,
+        min_sig=config.al_min_sig,
+        min_sig_deconv=config.al_min_sig_deconv,
+        scale_by_fwhm=config.scale_by_fwhm,
+    )
+
+
+def psf_size_for(template: Exposure, science: Exposure, config: SubtractConfig) -> int | None:
+    """The padded PSF side, or None where PSFs stay as given (a missing PSF, or preconvolution, whose inner box
+    follows the PSF size)."""
+    psfs = (template.psf, science.psf)
+    if config.use_preconvolution or any(p is None for p in psfs):
+        return None
+    return bucket(max(p.size for p in psfs), PSF_SIZES)
+
+
+def canonical_psf(psf: Psf | None, size: int | None) -> Psf | None:
+    """The PSF zero-padded to side `size` (unchanged when `size` is None), so that every PSF of a size bucket
+    gives the same program: a `GridPsf` keeps its grid with padded node images, any other model becomes an
+    `ImagePsf` of its centre image."""
+    if size is None or psf is None:
+        return psf
+    if isinstance(psf, GridPsf):
+        pad = (size - psf.size) // 2
+        if pad == 0:
+            return psf
+        return GridPsf(jnp.pad(psf.images, ((0, 0), (0, 0), (pad, pad), (pad, pad))), psf.box)
+    image = psf.image()
+    pad = (size - image.shape[-1]) // 2
+    if pad < 0:
+        raise ValueError(f"PSF image of side {image.shape[-1]} is larger than the planned side {size}")
+    if pad == 0 and isinstance(psf, ImagePsf):
+        return psf
+    return ImagePsf(jnp.pad(image, pad))
+
+
+def make_plan(
+    template: Exposure, science: Exposure, sources: Sources | None, config: SubtractConfig | None = None
+) -> Plan:
+    """The static plan for these inputs (ALGORITHM §2); build it once and pass it to `jd.subtract` under
+    `jax.jit` / `jax.vmap`, where PSF widths are traced and cannot decide a kernel size.
+
+    Arguments:
+        template, science: exposures with concrete PSFs; a stacked batch (leading axis) is allowed: the plan then
+            serves every pair, with the largest kernel size any pair needs.
+        sources: the kernel candidates (None: detected on the science image).
+        config: a `SubtractConfig` (default: LSST's defaults).
+
+    Returns:
+        A hashable `Plan`.
+    """
+    config = SubtractConfig() if config is None else config
+    check_mode(config.mode)
+    psf_size = psf_size_for(template, science, config)
+    widths = None
+    if _needs_widths(config) and template.psf is not None and science.psf is not None:
+        psfs = [p for p in (template.psf, science.psf) if p is not None]
+        if not is_concrete(jax.tree.leaves(psfs)):
+            raise PlanError(
+                "jd.subtract was called with traced PSFs (under jax.jit, vmap or grad) and no plan: the kernel "
+                "size depends on the PSF widths and cannot be chosen from traced values. Build the plan outside "
+                "the transformation with jd.make_plan(template, science, sources, config) and pass plan=..."
+            )
+        batched = science.image.ndim == 3
+        t_psf, s_psf = (_canonical(e.psf, psf_size, batched) for e in (template, science))
+        wt, ws = jax.device_get(_batch_widths(t_psf, s_psf, batched))
+        widths = (_checked_widths(wt, t_psf, "template"), _checked_widths(ws, s_psf, "science"))
+    n = 0 if sources is None else int(np.shape(sources.x)[-1])
+    plan = plan_from(science.shape, n, config, widths, psf_size)
+    if sources is not None and is_concrete(sources.valid):  # traced sources keep the slots of the capacity
+        plan = with_slots_for(plan, int(np.max(np.sum(np.asarray(sources.valid), axis=-1), initial=0)))
+    return plan
+
+
+def with_slots_for(plan: Plan, n_valid: int) -> Plan:
+    """The plan with only as many stamp slots as `n_valid` valid sources need: the next of `SLOT_SIZES` (every
+    slot costs the fit a stamp design and residual tests whether or not a star is in it)."""
+    return dataclasses.replace(plan, n_slots=min(plan.n_slots, slot_count(n_valid)))
+
+
+def slot_count(n: int) -> int:
+    """The next of `SLOT_SIZES` at least `n`, or the next multiple of 1024 above them."""
+    return bucket(n, SLOT_SIZES) if n <= SLOT_SIZES[-1] else -(-int(n) // 1024) * 1024
+
+
+def plan_from(shape, n_sources: int, config: SubtractConfig, widths, psf_size: int | None) -> Plan:
+    """`make_plan` from measured facts: science (ny, nx), source count, and ([template (σx, σy)…],
+    [science (σx, σy)…]) per pair (None when a PSF is missing or widths are not used)."""
+    mode = "convolveTemplate" if config.use_preconvolution else config.mode
+    k = config.kernel_size
+    if _needs_widths(config) and widths is not None and None not in widths[0] + widths[1]:
+        k = max(kernel_size_for(config, a, b, mode) for a, b in zip(*widths, strict=True))
+    side = 2 * int(k) + 1
+    if side > min(shape):
+        raise ValueError(
+            f"kernel size {int(k)} needs ({side}, {side}) stamps, larger than the science image {tuple(shape)}; "
+            "use a smaller kernel_size / kernel_size_max / kernel_size_buckets or a larger image"
+        )
+    capacity = capacity_for(n_sources)
+    wanted = capacity if config.max_kernel_sources < 0 else min(config.max_kernel_sources, capacity)
+    n_slots = slot_count(wanted)
+    return Plan(mode=mode, k=int(k), n_slots=n_slots, capacity=capacity, psf_size=psf_size)
+
+
+def _needs_widths(config: SubtractConfig) -> bool:
+    return config.kernel_basis == "alard-lupton" and config.scale_by_fwhm
+
+
+def _canonical(psf, size, batched: bool):
+    if psf is None or size is None:
+        return psf
+    return eqx.filter_vmap(lambda p: canonical_psf(p, size))(psf) if batched else canonical_psf(psf, size)
+
+
+@eqx.filter_jit
+def _batch_widths(t_psf: Psf, s_psf: Psf, batched: bool):
+    return _widths(t_psf, batched), _widths(s_psf, batched)

@@ -1,0 +1,106 @@
+"""Process-wide runtime settings, applied by the entry points (the task, the CLI, the LSST task, Dask workers),
+never by the pure functions.
+
+- **Persistent compilation cache.** Compiled programs are written to a per-user directory and reused by every
+  later process, so a fresh process (a CLI call, an LSST quantum, a Dask worker) on an image size seen before
+  does not compile again. The directory is `$JAXDIFF_CACHE_DIR`, else `$XDG_CACHE_HOME/jaxdiff/xla`, else
+  `~/.cache/jaxdiff/xla`; `JAXDIFF_CACHE_DIR=off` (or `0`, `none`, empty) disables it, and a cache directory
+  the caller already gave JAX (`jax_compilation_cache_dir`) is left alone. A size limit turns on JAX's
+  file-locked LRU cache, so concurrent processes can share the directory.
+- **One BLAS thread while jaxdiff runs on CPU.** jaxlib runs its LAPACK calls (QR, Cholesky, eigh) through the
+  OpenBLAS of numpy/scipy, whose worker threads then spin on the cores XLA's own thread pool is using; jaxdiff's
+  LAPACK calls are on matrices of a few hundred rows, where extra BLAS threads buy nothing.
+- **Compiler scratch handed back.** glibc keeps the memory XLA's compiler frees mapped; trimming the heap after
+  each compilation keeps it out of the peak of the run that follows.
+"""
+
+import contextlib
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+import jax
+from jax import monitoring
+
+try:
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover - threadpoolctl is a dependency; stay usable without it
+    threadpool_limits = None
+
+CACHE_ENV = "JAXDIFF_CACHE_DIR"
+CACHE_MAX_BYTES = 4 * 2**30
+_OFF = ("", "0", "off", "none", "false", "no")
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_entered = False
+
+
+def cache_dir() -> Path | None:
+    """The persistent-cache directory jaxdiff uses, or None when `JAXDIFF_CACHE_DIR` turns it off."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in _OFF else Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxdiff" / "xla"
+
+
+def enable_persistent_cache() -> str | None:
+    """Point JAX's persistent compilation cache at `cache_dir()` unless the caller configured one already.
+
+    Returns:
+        The directory in use (the caller's, if set), or None when the cache is off.
+    """
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    path = cache_dir()
+    if path is None:
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: run without the cache rather than fail
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    with contextlib.suppress(AttributeError, KeyError, RuntimeError):
+        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)  # LRU + file lock
+    from jax.experimental.compilation_cache import compilation_cache
+
+    compilation_cache.reset_cache()  # JAX decides once whether to use the cache: decide again
+    return str(path)
+
+
+def enter() -> None:
+    """What every entry point does once per process: the persistent cache and the heap trim after compiles."""
+    global _entered
+    if _entered:
+        return
+    _entered = True
+    enable_persistent_cache()
+    monitoring.register_event_duration_secs_listener(_trim_after_compile)
+
+
+def _trim_after_compile(event: str, duration: float, **kwargs) -> None:
+    del duration, kwargs
+    if event == _BACKEND_COMPILE_EVENT:
+        release_free_memory()
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """Limit BLAS libraries to one thread inside the block (CPU backend only; a no-op elsewhere)."""
+    if threadpool_limits is None or jax.default_backend() != "cpu":
+        yield
+        return
+    with threadpool_limits(1, user_api="blas"):
+        yield
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the operating system (glibc `malloc_trim`; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass

@@ -1,0 +1,131 @@
+"""The static plan (ALGORITHM §2): only shapes are static, so new pairs reuse compiled programs."""
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import equinox as eqx
+import jax
+import pytest
+from jax import monitoring
+
+import jaxdiff as jd
+from jaxdiff._plan import bucket, kernel_size_for
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def test_kernel_size_rounds_up_to_the_next_bucket():
+    cfg = jd.SubtractConfig(kernel_size_buckets=(21, 27, 35))
+    # σ 2.0 → 2.4: ip_diffim's rule gives 21 (the minimum)
+    assert kernel_size_for(cfg, (2.0, 2.0), (2.4, 2.4), "convolveTemplate") == 21
+    # σ 2.0 → 2.9: the rule gives 25, rounded up to 27
+    assert kernel_size_for(cfg, (2.0, 2.0), (2.9, 2.9), "convolveTemplate") == 27
+    # σ 1.5 → 3.8: the rule clamps at kernel_size_max
+    assert kernel_size_for(cfg, (1.5, 1.5), (3.8, 3.8), "convolveTemplate") == 35
+    assert bucket(22, (21, 35)) == 35 and bucket(40, (21, 35)) == 35 and bucket(7, ()) == 7
+
+
+def test_plan_is_the_same_for_different_widths_and_source_counts():
+    """New PSF widths within a kernel-size bucket and new source counts: one plan, except for the stamp slots,
+    which follow the number of valid sources in four steps."""
+    plans = []
+    for i, (st, ss, n) in enumerate([(2.0, 2.3, 50), (1.9, 2.1, 120), (2.2, 2.6, 300), (2.4, 2.5, 999)]):
+        pair = jd.sim.simulate_pair((128, 128), seed=i, n_stars=n, template_sigma=st, science_sigma=ss)
+        plans.append(jd.make_plan(pair.template, pair.science, pair.sources, jd.SubtractConfig()))
+    assert len({dataclasses.replace(p, n_slots=0) for p in plans}) == 1
+    assert [p.n_slots for p in plans] == [128, 128, 512, 1024]
+    assert plans[0].capacity == 1024 and plans[0].k == 21 and plans[0].psf_size == 41
+
+
+def test_auto_mode_is_decided_inside_the_program():
+    pair = jd.sim.simulate_pair((128, 128), seed=1, n_stars=40)
+    assert jd.make_plan(pair.template, pair.science, pair.sources, jd.SubtractConfig(mode="auto")).mode == "auto"
+
+
+def test_traced_psf_without_plan_raises_a_clear_error():
+    pair = jd.sim.simulate_pair((96, 96), seed=1, n_stars=30, psf_size=21)
+
+    def loss(width):
+        science = eqx.tree_at(lambda e: e.psf, pair.science, jd.GaussianPsf(width, 21))
+        return jd.subtract(pair.template, science, pair.sources).difference.image.sum()
+
+    with pytest.raises(jd.PlanError, match="jd.make_plan"):
+        jax.jit(loss)(2.4)
+
+
+class _Compiles:
+    def __init__(self):
+        self.n = 0
+        monitoring.register_event_duration_secs_listener(self)
+
+    def __call__(self, event, duration, **kwargs):
+        if event == _COMPILE_EVENT:
+            self.n += 1
+
+
+@pytest.mark.slow
+def test_a_stream_of_new_pairs_compiles_once_per_image_size():
+    """Pairs of one size with new PSF widths (one kernel-size bucket), new source counts (one slot size) and
+    `sources=None`: the first two pairs compile the checks, the core and the detection; the others nothing."""
+    counter = _Compiles()
+    task = jd.AlardLuptonSubtract(kernel_size_buckets=(21,))
+    specs = [(2.0, 2.4, 60, True), (1.8, 2.5, 90, False), (2.3, 2.0, 110, True), (1.6, 2.9, 45, False)]
+    pairs = [
+        jd.sim.simulate_pair((160, 160), seed=10 + i, n_stars=n, template_sigma=st, science_sigma=ss)
+        for i, (st, ss, n, _) in enumerate(specs)
+    ]
+    counts = []
+    for pair, (*_, given) in zip(pairs, specs, strict=True):
+        before = counter.n
+        result = task.run(pair.template, pair.science, pair.sources if given else None)
+        assert result.metadata["kernel_size"] == 21
+        counts.append(counter.n - before)
+    assert sum(counts[2:]) == 0, counts
+    assert sum(counts) <= 4, counts
+
+
+@pytest.mark.slow
+def test_a_second_process_reads_the_persistent_cache(tmp_path):
+    script = textwrap.dedent(
+        """
+        import jax
+        from jax import monitoring
+        import jaxdiff as jd
+        counts = {"compiles": 0, "hits": 0}
+        def on_duration(event, duration, **kw):
+            if event == "/jax/core/compile/backend_compile_duration":
+                counts["compiles"] += 1
+        def on_event(event, **kw):
+            if event == "/jax/compilation_cache/cache_hits":
+                counts["hits"] += 1
+        monitoring.register_event_duration_secs_listener(on_duration)
+        monitoring.register_event_listener(on_event)
+        pair = jd.sim.simulate_pair((96, 96), seed=2, n_stars=40)
+        before = dict(counts)
+        jd.AlardLuptonSubtract(kernel_size_buckets=(21,)).run(pair.template, pair.science, pair.sources)
+        print(counts["compiles"] - before["compiles"], counts["hits"] - before["hits"])
+        """
+    )
+    env = {**__import__("os").environ, "JAXDIFF_CACHE_DIR": str(tmp_path / "xla")}
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        runs.append([int(v) for v in out.stdout.split()[-2:]])
+    (first_compiles, first_hits), (second_compiles, second_hits) = runs
+    assert first_compiles >= 2 and first_hits == 0
+    assert second_hits >= 2 and second_compiles < first_compiles
+    assert any(p.suffix != ".lockfile" for p in (tmp_path / "xla").iterdir())
+
+
+def test_runtime_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    from jaxdiff import _runtime
+
+    monkeypatch.setenv("JAXDIFF_CACHE_DIR", "off")
+    assert _runtime.cache_dir() is None
+    monkeypatch.setenv("JAXDIFF_CACHE_DIR", str(tmp_path / "c"))
+    assert _runtime.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("JAXDIFF_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _runtime.cache_dir() == tmp_path / "jaxdiff" / "xla"
