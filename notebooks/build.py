@@ -113,10 +113,11 @@ BATCH = [
     ),
     new_code_cell(SETUP + "\nimport tempfile\nfrom pathlib import Path\nfrom jaxdiff.batch import dask_map, run_many"),
     new_code_cell(
-        """config = jd.SubtractConfig(do_decorrelation=False)
-pairs = [jd.sim.reference_pair((96, 96), n_stars=15, seed=i, flux_range=(3000, 8000), template_border=4)
+        """config = jd.SubtractConfig(do_decorrelation=False, restrict_kernel_edge_sources=False)
+pairs = [jd.sim.reference_pair((128, 128), n_stars=30, seed=i, flux_range=(3000, 8000), template_border=4)
          for i in range(6)]
 results = run_many([(p.template, p.science, p.sources) for p in pairs], config, batch_size=3)
+assert all(int(r.metadata["status"]) == 0 for r in results), [int(r.metadata["status"]) for r in results]
 [float(r.metadata["kernel_sum"]) for r in results]"""
     ),
     new_code_cell(
