@@ -39,8 +39,9 @@ test-all: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -m slow $(PYTEST_ARGS)
 
-# The public real pairs, mirrored beside the clone (jaxdiff.datasets reads them in place instead of downloading).
-DATA_MIRROR ?= $(abspath ../shared/data/real)
+# The public real pairs mirrored beside the clone, when present: jaxdiff.datasets then reads them in place instead of
+# downloading them (CI has the mirror; elsewhere the docs build downloads them once into the cache).
+DATA_MIRROR ?= $(wildcard $(abspath ../shared/data/real))
 WHEEL_TEST ?= build/wheel-test
 
 # The documentation site (site/): MkDocs in strict mode, so a broken link, reference or failing example fails.
