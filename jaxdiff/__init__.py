@@ -35,6 +35,7 @@ __version__ = "0.1.0"
 from . import basis as basis
 from . import batch as batch
 from . import convolve as convolve
+from . import datasets as datasets
 from . import decorrelate as decorrelate
 from . import forward as forward
 from . import sim as sim
