@@ -13,14 +13,14 @@ LSST_CHECK = @$(PY) -c 'import sys; sys.version_info >= (3, 12) or print("*** LS
 skipped: no Python 3.12 (the venv has %d.%d); make clean && make test with a Python 3.12 on PATH or pyenv ***" \
 % sys.version_info[:2])'
 
-.PHONY: env demo test test-all test-slow test-oldest bench lint format clean
+.PHONY: env demo test test-all test-slow test-oldest test-wheel docs docs-serve bench lint format clean
 
 env: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(BOOT_PY) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dask,bench$(LSST_EXTRA)]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dask,bench,docs,release$(LSST_EXTRA)]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -57,6 +57,33 @@ $(OLDEST_VENV)/.installed: pyproject.toml .ci/oldest-constraints.txt
 test-oldest: $(OLDEST_VENV)/.installed
 	JAXDIFF_OLDEST=1 $(OLDEST_VENV)/bin/python -m pytest -n 2 --timeout 300 -m "not slow and not notebooks" $(PYTEST_ARGS)
 
+# The public real pairs mirrored beside the clone, when present: jaxdiff.datasets then reads them in place instead of
+# downloading them (CI has the mirror; elsewhere the docs build downloads them once into the cache).
+DATA_MIRROR ?= $(wildcard $(abspath ../shared/data/real))
+WHEEL_TEST ?= build/wheel-test
+
+# The documentation site (site/): MkDocs in strict mode, so a broken link, reference or failing example fails.
+docs: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH PYTHONPATH=$(CURDIR) NO_MKDOCS_2_WARNING=1 JAXDIFF_DATA_MIRROR=$(DATA_MIRROR) \
+		JAXDIFF_FIGURE_DIR=$(CURDIR)/build/docs-examples $(PY) -m mkdocs build --strict
+
+docs-serve: $(STAMP)
+	JAXDIFF_DATA_MIRROR=$(DATA_MIRROR) $(PY) -m mkdocs serve
+
+# The package as users get it: sdist + wheel, `twine check`, then the wheel (not this checkout) in a clean venv
+# runs `jaxdiff demo` and the fast tests from a copy of tests/ outside the source tree.
+test-wheel: $(STAMP)
+	rm -rf dist $(WHEEL_TEST)
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
+	$(BOOT_PY) -m venv $(WHEEL_TEST)/venv
+	$(WHEEL_TEST)/venv/bin/python -m pip install -q --disable-pip-version-check \
+		"$$(ls dist/jaxdiff-*.whl)[test$(LSST_EXTRA)]"
+	mkdir -p $(WHEEL_TEST)/run && cp -r tests pyproject.toml $(WHEEL_TEST)/run/ && rm -rf $(WHEEL_TEST)/run/tests/__pycache__
+	cd $(WHEEL_TEST)/run && ../venv/bin/jaxdiff demo
+	cd $(WHEEL_TEST)/run && JAXDIFF_WHEEL=$$(ls $(CURDIR)/dist/jaxdiff-*.whl) JAXDIFF_DATA_MIRROR=$(DATA_MIRROR) \
+		../venv/bin/python -m pytest -n 2 -p no:cacheprovider -m "not slow and not notebooks and not docs" $(PYTEST_ARGS)
+
 # Peers (SFFT, OIS) for the side-by-side benchmark; OIS builds a C extension that needs numpy at build time.
 # A failed peer install is reported and the benchmark then marks that peer as skipped.
 $(VENV)/.peers: $(STAMP)
@@ -79,4 +106,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix jaxdiff tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) demo_output benchmarks/results
+	rm -rf $(VENV) $(OLDEST_VENV) demo_output benchmarks/results site dist build

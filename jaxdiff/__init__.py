@@ -5,6 +5,9 @@ from ._errors import (
     RESULTS as RESULTS,
 )
 from ._errors import (
+    BadSubtractionError as BadSubtractionError,
+)
+from ._errors import (
     InsufficientKernelSourcesError as InsufficientKernelSourcesError,
 )
 from ._errors import (
@@ -32,6 +35,7 @@ __version__ = "0.1.0"
 from . import basis as basis
 from . import batch as batch
 from . import convolve as convolve
+from . import datasets as datasets
 from . import decorrelate as decorrelate
 from . import forward as forward
 from . import sim as sim
@@ -40,6 +44,7 @@ from . import spatial as spatial
 from . import stamps as stamps
 from ._background import BackgroundModel as BackgroundModel
 from ._config import SubtractConfig as SubtractConfig
+from ._existing import subtract_with_kernel as subtract_with_kernel
 from ._kernel import SpatialKernel as SpatialKernel
 from ._plan import Plan as Plan
 from ._plan import PlanError as PlanError

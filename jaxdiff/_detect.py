@@ -1,5 +1,8 @@
 """Find kernel candidate stars on an image when no source list is given (ALGORITHM §6.1)."""
 
+import dataclasses
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,10 +40,11 @@ def _peaks(snr):
     return snr >= local_max
 
 
-@jax.jit
-def _detection_maps(image, variance, mask_bad, psf_image):
-    """(S/N, flux, local-maximum flag) maps in one compiled program."""
-    snr, flux = _snr_map(image, variance, mask_bad, psf_image)
+@eqx.filter_jit
+def _detection_maps(exposure, bad_bits: int):
+    """(S/N, flux, local-maximum flag) maps in one compiled program (the PSF image is drawn inside it)."""
+    bad = (exposure.mask & bad_bits) != 0
+    snr, flux = _snr_map(exposure.image, exposure.variance, bad, exposure.psf.image())
     return snr, flux, _peaks(snr)
 
 
@@ -62,8 +66,7 @@ def detect_sources(exposure, bad_bits: int, snr_range=(10.0, 500.0), max_sources
             "sources=None needs a science PSF to find kernel stars; pass a source list or a PSF "
             "(jd.estimate_psf measures one on the image; jd.exposure_from_arrays does it for plain arrays)"
         )
-    bad = (exposure.mask & bad_bits) != 0
-    maps = _detection_maps(exposure.image, exposure.variance, bad, exposure.psf.image())
+    maps = _detection_maps(dataclasses.replace(exposure, wcs=None), bad_bits)
     snr, flux, peaks = (np.asarray(a) for a in jax.device_get(maps))
     sel = peaks & (snr > snr_range[0]) & (snr < snr_range[1])
     rows, cols = np.nonzero(sel)

@@ -30,6 +30,24 @@ class NoKernelCandidatesError(RuntimeError):
     """No kernel stamp survived the rejection loop."""
 
 
+class BadSubtractionError(RuntimeError):
+    """The difference keeps too much of the science sources' flux (ip_diffim's `BadSubtractionError`): raised
+    only when `config.raise_on_bad_subtraction_ratio` is set."""
+
+    def __init__(self, ratio: float, threshold: float, what: str = "mean"):
+        self.ratio = float(ratio)
+        self.threshold = float(threshold)
+        self.what = what
+        super().__init__(
+            f"bad subtraction: the {what} ratio of |difference| to |science| in source footprints is "
+            f"{self.ratio:.3g}, above the threshold {self.threshold:.3g} (check the kernel fit and inputs, or raise "
+            "bad_subtraction_ratio_threshold / bad_subtraction_variation_threshold)"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.ratio, self.threshold, self.what))
+
+
 class RESULTS(enum.IntEnum):
     """Status of the traced core; the shell turns a failure into an exception."""
 

@@ -26,8 +26,9 @@ import numpy as np
 from . import basis as _basis
 from ._config import SubtractConfig, check_mode
 from ._exposure import Exposure
+from ._image_fit import resolve_fit_region
 from ._mask import bitmask
-from ._psf import GridPsf, ImagePsf, Psf
+from ._psf import GaussianPsf, GridPsf, ImagePsf, Psf
 from ._sources import Sources, capacity_for
 from ._stats import usable
 from ._types import is_concrete
@@ -51,6 +52,7 @@ class Plan:
         n_slots: stamp slots of the fit, one of `SLOT_SIZES` (or a multiple of 1024).
         capacity: length the source list is padded to.
         psf_size: side image PSFs are padded to (None: PSFs are used as given).
+        fit_region: "stamps" or "image" (the kernel fitted on the whole overlap, `_image_fit`).
     """
 
     mode: str
@@ -58,6 +60,7 @@ class Plan:
     n_slots: int
     capacity: int
     psf_size: int | None = None
+    fit_region: str = "stamps"
 
 
 @eqx.filter_jit
@@ -208,22 +211,20 @@ def psf_size_for(template: Exposure, science: Exposure, config: SubtractConfig) 
 
 def canonical_psf(psf: Psf | None, size: int | None) -> Psf | None:
     """The PSF zero-padded to side `size` (unchanged when `size` is None), so that every PSF of a size bucket
-    gives the same program: a `GridPsf` keeps its grid with padded node images, any other model becomes an
-    `ImagePsf` of its centre image."""
-    if size is None or psf is None:
+    gives the same program: a `GaussianPsf` is drawn at that size, a `GridPsf` keeps its grid with padded node
+    images, any other model becomes an `ImagePsf` of its centre image."""
+    if size is None or psf is None or psf.size == size:
         return psf
-    if isinstance(psf, GridPsf):
-        pad = (size - psf.size) // 2
-        if pad == 0:
-            return psf
-        return GridPsf(jnp.pad(psf.images, ((0, 0), (0, 0), (pad, pad), (pad, pad))), psf.box)
-    image = psf.image()
-    pad = (size - image.shape[-1]) // 2
+    pad = (size - psf.size) // 2
     if pad < 0:
-        raise ValueError(f"PSF image of side {image.shape[-1]} is larger than the planned side {size}")
-    if pad == 0 and isinstance(psf, ImagePsf):
-        return psf
-    return ImagePsf(jnp.pad(image, pad))
+        raise ValueError(f"PSF image of side {psf.size} is larger than the planned side {size}")
+    if isinstance(psf, GaussianPsf):  # drawn inside the program at the new size
+        return GaussianPsf(psf.width, size)
+    xp = np if is_concrete(psf) else jnp  # on the host when concrete: no program per PSF size
+    if isinstance(psf, GridPsf):
+        return GridPsf(xp.pad(xp.asarray(psf.images), ((0, 0), (0, 0), (pad, pad), (pad, pad))), psf.box)
+    image = psf.array if isinstance(psf, ImagePsf) else psf.image()
+    return ImagePsf(xp.pad(xp.asarray(image), pad))
 
 
 def make_plan(
@@ -283,7 +284,8 @@ def plan_from(shape, n_sources: int, config: SubtractConfig, widths, psf_size: i
     if _needs_widths(config) and widths is not None and None not in widths[0] + widths[1]:
         k = max(kernel_size_for(config, a, b, mode) for a, b in zip(*widths, strict=True))
     side = 2 * int(k) + 1
-    if side > min(shape):
+    fit_region = resolve_fit_region(config, tuple(shape), int(k))
+    if fit_region == "stamps" and side > min(shape):
         raise ValueError(
             f"kernel size {int(k)} needs ({side}, {side}) stamps, larger than the science image {tuple(shape)}; "
             "use a smaller kernel_size / kernel_size_max / kernel_size_buckets or a larger image"
@@ -291,7 +293,7 @@ def plan_from(shape, n_sources: int, config: SubtractConfig, widths, psf_size: i
     capacity = capacity_for(n_sources)
     wanted = capacity if config.max_kernel_sources < 0 else min(config.max_kernel_sources, capacity)
     n_slots = slot_count(wanted)
-    return Plan(mode=mode, k=int(k), n_slots=n_slots, capacity=capacity, psf_size=psf_size)
+    return Plan(mode=mode, k=int(k), n_slots=n_slots, capacity=capacity, psf_size=psf_size, fit_region=fit_region)
 
 
 def _needs_widths(config: SubtractConfig) -> bool:

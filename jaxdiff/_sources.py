@@ -1,10 +1,11 @@
 """`Sources`: a fixed-length list of candidate kernel stars with a validity mask."""
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._types import Array, Bool, Float
+from ._types import Array, Bool, Float, is_concrete
 
 _X_COLUMNS = ("x", "slot_Centroid_x", "centroid_x", "xcentroid", "X_IMAGE")
 _Y_COLUMNS = ("y", "slot_Centroid_y", "centroid_y", "ycentroid", "Y_IMAGE")
@@ -41,27 +42,27 @@ class Sources(eqx.Module):
     valid: Bool[Array, " n"]
 
     def __init__(self, x, y, flux=None, valid=None):
-        x = jnp.asarray(x)
-        y = jnp.asarray(y)
+        # concrete lists are assembled with numpy: eager jnp ops would compile a program per list length
+        xp = np if is_concrete((x, y, flux, valid)) else jnp
+        x = xp.asarray(x)
+        y = xp.asarray(y)
         x = x.astype(jnp.result_type(x.dtype, jnp.float32))
         y = y.astype(x.dtype)
         if x.ndim < 1 or x.shape != y.shape:
             raise ValueError(f"Sources x and y must be 1-D of equal length, got {tuple(x.shape)} and {tuple(y.shape)}")
-        flux = jnp.full(x.shape, jnp.nan, x.dtype) if flux is None else jnp.asarray(flux).astype(x.dtype)
-        valid = jnp.ones(x.shape, bool) if valid is None else jnp.asarray(valid).astype(bool)
+        flux = xp.full(x.shape, np.nan, x.dtype) if flux is None else xp.asarray(flux).astype(x.dtype)
+        valid = xp.ones(x.shape, bool) if valid is None else xp.asarray(valid).astype(bool)
         for name, arr in (("flux", flux), ("valid", valid)):
             if arr.shape != x.shape:
                 raise ValueError(f"Sources {name} shape {tuple(arr.shape)} does not match x shape {tuple(x.shape)}")
-        self.x = x
-        self.y = y
-        self.flux = flux
-        self.valid = valid
+        # device_put, not jnp.asarray: the latter compiles a small program per length and dtype
+        self.x, self.y, self.flux, self.valid = (jax.device_put(a) if xp is np else a for a in (x, y, flux, valid))
 
     def __len__(self) -> int:
         return int(self.x.shape[-1])
 
     def padded(self, capacity: int) -> "Sources":
-        """The list padded with invalid entries (at (0, 0), flux NaN) to `capacity` along its last axis.
+        """The list padded with invalid entries (at (0, 0), flux 0) to `capacity` along its last axis.
 
         Traceable; a list already that long is returned as is, a longer one raises `ValueError`.
         """
@@ -71,12 +72,9 @@ class Sources(eqx.Module):
         if n > capacity:
             raise ValueError(f"cannot pad {n} sources to a capacity of {capacity}")
         width = [(0, 0)] * (self.x.ndim - 1) + [(0, capacity - n)]
-        return Sources(
-            jnp.pad(self.x, width),
-            jnp.pad(self.y, width),
-            jnp.pad(self.flux, width, constant_values=jnp.nan),
-            jnp.pad(self.valid, width),
-        )
+        xp = np if is_concrete(self) else jnp  # on the host when concrete: no program per list length
+        x, y, flux, valid = (xp.asarray(a) for a in (self.x, self.y, self.flux, self.valid))
+        return Sources(xp.pad(x, width), xp.pad(y, width), xp.pad(flux, width), xp.pad(valid, width))
 
     @property
     def n_valid(self) -> int:

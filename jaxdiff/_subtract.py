@@ -25,12 +25,14 @@ from ._errors import RESULTS
 from ._exposure import Exposure
 from ._finalize import decorrelate_arrays, edge_pixels, variance_level
 from ._fit import FitResult, StampData, fit_kernel
+from ._image_fit import fit_whole_image
 from ._kernel import SpatialKernel
 from ._mask import bitmask, plane_bit
 from ._noise import exposure_source_free
 from ._plan import PRECONVOLUTION_WIDTH, Plan, canonical_psf, convolves_template, coverage, make_plan, width_kwargs
 from ._preconvolve import Preconvolved, fill_bad, preconvolve_science
 from ._prepare import exclusion_bits, output_planes, padded_cut, prepare_science_mask, prepare_template_mask
+from ._psf import ImagePsf
 from ._result import SubtractResult
 from ._sources import Sources
 from ._stats import quantile_masked, standard_good, usable, variance_factor
@@ -115,8 +117,11 @@ def subtract_staged(template: Exposure, science: Exposure, sources: Sources, con
         return out
 
     prep = timed("prepare", _jit_prepare, template, science, config, plan, sources)
-    sel = timed("select", _jit_select, prep, sources, config, plan)
-    fitted = timed("fit", _jit_fit, sel, prep.box, config)
+    if plan.fit_region == "image":
+        sel, fitted = timed("fit", _jit_select_fit_image, prep, config, plan)
+    else:
+        sel = timed("select", _jit_select, prep, sources, config, plan)
+        fitted = timed("fit", _jit_fit, sel, prep.box, config)
     return timed("difference", _jit_difference, prep, sel, fitted, config, plan), timings
 
 
@@ -135,10 +140,14 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
     """The traceable subtraction for a fixed plan (not jitted: `subtract` jits it; batches vmap it)."""
     with jax.named_scope("prepare"):
         prep = prepare(template, science, config, plan, sources)
-    with jax.named_scope("select"):
-        sel = select_stamps(prep, sources, config, plan)
-    with jax.named_scope("fit"):
-        fitted = fit(sel, prep.box, config)
+    if plan.fit_region == "image":
+        with jax.named_scope("fit"):
+            sel, fitted = select_fit_image(prep, config, plan)
+    else:
+        with jax.named_scope("select"):
+            sel = select_stamps(prep, sources, config, plan)
+        with jax.named_scope("fit"):
+            fitted = fit(sel, prep.box, config)
     with jax.named_scope("difference"):
         return difference(prep, sel, fitted, config, plan)
 
@@ -195,6 +204,9 @@ def prepare(
     nodata_bit = plane_bit(out_planes, "NO_DATA")
     box = jnp.stack([science.xy0[0], science.xy0[1], nx, ny]).astype(sdt)
     template, science = _sentinels_to_nan(template), _sentinels_to_nan(science)
+    if plan.mode == "auto" and jax.tree.structure(template.psf) != jax.tree.structure(science.psf):
+        # the mode is picked per pair inside the program, so the two PSFs must be interchangeable values
+        template, science = (dataclasses.replace(e, psf=ImagePsf(e.psf.image())) for e in (template, science))
     widths = None
     if template.psf is not None and science.psf is not None:
         widths = (jnp.stack(template.psf.sigma_xy()), jnp.stack(science.psf.sigma_xy()))
@@ -407,6 +419,15 @@ class Fitted(NamedTuple):
     fit: FitResult
     kernel: SpatialKernel
     bg_coeffs: jax.Array
+    extra: dict | None = None  # further metadata of the fit (the whole-image fit's pixel counts)
+
+
+def select_fit_image(prep: Prepared, config: SubtractConfig, plan: Plan) -> tuple[Selection, Fitted]:
+    """The select and fit stages for `plan.fit_region == "image"` (`_image_fit`): no stamps (`data` None)."""
+    r = fit_whole_image(prep, config, plan)
+    zero = jnp.zeros((), jnp.int32)
+    sel = Selection(None, r.basis_images, r.factors, None, r.basis_widths, r.basis_code, zero, zero)
+    return sel, Fitted(r.fit, r.kernel, r.bg_coeffs, r.extra)
 
 
 def fit(sel: Selection, box, config: SubtractConfig) -> Fitted:
@@ -535,16 +556,14 @@ def _metadata(prep: Prepared, sel: Selection, fitted: Fitted, cfg: SubtractConfi
     fit_result = fitted.fit
     theta = fit_result.theta
     # the first failure that applies, in the order the shell checks them (ALGORITHM §3, §6, §8)
-    status = jnp.select(
-        [
-            prep.coverage < cfg.required_template_fraction,
-            sel.n_stamps < cfg.min_kernel_sources,
-            jnp.sum(fit_result.active) == 0,
-            ~jnp.all(jnp.isfinite(theta)),
-        ],
-        [RESULTS.no_work, RESULTS.insufficient_sources, RESULTS.no_candidates, RESULTS.nonfinite_solution],
-        RESULTS.successful,
-    ).astype(jnp.int32)
+    stamps = sel.data is not None  # the whole-image fit has no stamps to count
+    checks = [
+        (prep.coverage < cfg.required_template_fraction, RESULTS.no_work),
+        *(((sel.n_stamps < cfg.min_kernel_sources, RESULTS.insufficient_sources),) if stamps else ()),
+        *(((jnp.sum(fit_result.active) == 0, RESULTS.no_candidates),) if stamps else ()),
+        (~jnp.all(jnp.isfinite(theta)), RESULTS.nonfinite_solution),
+    ]
+    status = jnp.select([c for c, _ in checks], [r for _, r in checks], RESULTS.successful).astype(jnp.int32)
     md = dict(
         status=status,
         convolves_template=jnp.asarray(prep.convolves_template),
@@ -572,6 +591,7 @@ def _metadata(prep: Prepared, sel: Selection, fitted: Fitted, cfg: SubtractConfi
         md["template_psf_sigma"], md["science_psf_sigma"] = (jnp.sqrt(0.5 * jnp.sum(w**2)) for w in prep.widths)
     if prep.pre is not None:
         md["n_interpolated"] = prep.pre.n_interpolated
+    md.update(fitted.extra or {})
     return md
 
 
@@ -605,4 +625,5 @@ def _repeated(cx, cy, ok, nx: int):
 _jit_prepare = eqx.filter_jit(prepare)
 _jit_select = eqx.filter_jit(select_stamps)
 _jit_fit = eqx.filter_jit(fit)
+_jit_select_fit_image = eqx.filter_jit(select_fit_image)
 _jit_difference = eqx.filter_jit(difference)

@@ -11,12 +11,14 @@ from . import _runtime as runtime
 from ._config import SubtractConfig, check_mode
 from ._detect import detect_sources
 from ._errors import RESULTS, InsufficientKernelSourcesError, NoKernelCandidatesError, NoWorkFound
+from ._existing import subtract_with_kernel
 from ._exposure import Exposure
 from ._finalize import finalize as _finalize
 from ._kernel import SpatialKernel
 from ._mask import bitmask
 from ._plan import facts, plan_from, psf_size_for, with_slots_for
-from ._psf import FWHM_PER_SIGMA
+from ._psf import FWHM_PER_SIGMA, as_psf
+from ._quality import check_quality, psf_widths, quality_figures
 from ._result import SubtractResult
 from ._sources import Sources
 from ._subtract import core_inputs, restore_wcs, subtract, subtract_staged
@@ -78,9 +80,72 @@ class AlardLuptonSubtract(eqx.Module):
         self.config = config
         self.staged = bool(staged)
 
-    def run(self, template: Exposure, science: Exposure, sources: Sources | None = None) -> SubtractResult:
-        """PSF-match, subtract and (unless `do_decorrelation` is False) decorrelate; mode from the config."""
+    def run(
+        self, template: Exposure, science: Exposure, sources: Sources | None = None, *, science_psf=None
+    ) -> SubtractResult:
+        """PSF-match, subtract and (unless `do_decorrelation` is False) decorrelate; mode from the config.
+
+        `science_psf`: a `jd.Psf` (or unit-sum odd image) replacing `science.psf` for this call, e.g. a final PSF
+        from an external calibration (ip_diffim's `doApplyExternalCalibrations`); jaxdiff exposures carry no
+        aperture corrections, so only the PSF is replaced here (the LSST task also swaps those).
+        """
+        if science_psf is not None:
+            science = dataclasses.replace(science, psf=as_psf(science_psf))
         return self._run(template, science, sources, self.config)
+
+    def run_with_kernel(
+        self,
+        template: Exposure,
+        science: Exposure,
+        kernel: SpatialKernel,
+        fit_flux_scale: bool = False,
+        sources: Sources | None = None,
+    ) -> SubtractResult:
+        """Subtract with a given kernel, fitting only the background (and, if `fit_flux_scale`, a flux scale):
+        ip_diffim's `SimplifiedSubtractTask` with `useExistingKernel` (see `jaxdiff._existing`). `sources` (found
+        on the science image when None) only set the footprints of the quality figures."""
+        runtime.enter()
+        cfg = self.config
+        t0 = time.perf_counter()
+        with jax.enable_x64(True), runtime.single_threaded_blas():
+            validate(template, science, cfg)
+            psf_size = psf_size_for(template, science, cfg)
+            t_in, s_in, _ = core_inputs(template, science, None, psf_size=psf_size)
+            found = facts(t_in, s_in)
+            if found["coverage"] < cfg.required_template_fraction:
+                raise NoWorkFound(
+                    f"template covers {found['coverage']:.1%} of the science image, less than the required "
+                    f"{cfg.required_template_fraction:.1%} (required_template_fraction)"
+                )
+            result = restore_wcs(subtract_with_kernel(template, science, kernel, cfg, fit_flux_scale), science.wcs)
+            md = {k: _plain(v) for k, v in jax.device_get(result.metadata).items()}
+            if RESULTS(int(md["status"])) != RESULTS.successful:
+                raise RuntimeError("the background fit with the given kernel is not finite")
+            md.pop("variance_factor_failed")
+            mode = "convolveTemplate" if md.pop("convolves_template") else "convolveScience"
+            md.pop("basis_mode_code")
+            md.update(mode=mode, fit_region="existing_kernel", kernel_size=kernel.size)
+            md.update(
+                template_psf_fwhm=_fwhm(found["template_widths"]), science_psf_fwhm=_fwhm(found["science_widths"])
+            )
+            if sources is None:
+                bad = bitmask(science.mask_planes, cfg.exclude_mask_planes)
+                sources = detect_sources(s_in, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
+            md.update(self._quality(template, science, result, sources, found, kernel.size))
+        md["timing.total"] = time.perf_counter() - t0
+        check_quality(md, cfg)
+        return _caller_precision(dataclasses.replace(result, metadata=md))
+
+    def _quality(self, template, science, result, sources, found, kernel_size: int) -> dict:
+        """The quality figures of `_quality` (limiting magnitudes, footprint ratio, per-source residuals)."""
+        widths = dict(
+            template=found["template_widths"],
+            science=found["science_widths"],
+            difference=psf_widths(result.difference.psf),
+        )
+        return quality_figures(
+            template, science, result.difference, sources, widths, kernel_size, self.config.detection_snr_range[0]
+        )
 
     def run_convolve_template(self, template, science, sources=None) -> SubtractResult:
         """`run` with the template convolved to match the science PSF."""
@@ -115,6 +180,19 @@ class AlardLuptonSubtract(eqx.Module):
             )
 
     def _run(self, template, science, sources, cfg: SubtractConfig) -> SubtractResult:
+        try:
+            result = self._run_once(template, science, sources, cfg)
+        except (InsufficientKernelSourcesError, NoKernelCandidatesError) as err:
+            if sources is None or not cfg.allow_kernel_source_detection:
+                raise
+            # ip_diffim's allowKernelSourceDetection: find kernel candidates on the science image and retry
+            result = self._run_once(template, science, None, cfg)
+            result.metadata.update(kernel_sources="detected", kernel_sources_error=str(err))
+            return result
+        result.metadata["kernel_sources"] = "detected" if sources is None else "given"
+        return result
+
+    def _run_once(self, template, science, sources, cfg: SubtractConfig) -> SubtractResult:
         runtime.enter()
         timing = {}
         t0 = time.perf_counter()
@@ -141,10 +219,10 @@ class AlardLuptonSubtract(eqx.Module):
                 bad = bitmask(science.mask_planes, cfg.exclude_mask_planes)
                 sources = detect_sources(s_in, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
             n_valid = sources.n_valid
-            if n_valid == 0:
-                raise _fit_failure(InsufficientKernelSourcesError(0, cfg.min_kernel_sources), coverage, cfg)
             widths = ([found["template_widths"]], [found["science_widths"]])
             plan = with_slots_for(plan_from(science.shape, len(sources), cfg, widths, psf_size), n_valid)
+            if n_valid == 0 and plan.fit_region == "stamps":
+                raise _fit_failure(InsufficientKernelSourcesError(0, cfg.min_kernel_sources), coverage, cfg)
             timing["checks"] = time.perf_counter() - t0
             src = sources.padded(plan.capacity)
             if self.staged:
@@ -175,6 +253,7 @@ class AlardLuptonSubtract(eqx.Module):
         metadata.update(
             mode=mode,
             mode_requested=cfg.mode,
+            fit_region=plan.fit_region,
             convolved_exposure="template" if mode == "convolveTemplate" else "science",
             kernel_size=plan.k,
             basis_mode=BASIS_MODES[int(metadata.pop("basis_mode_code"))],
@@ -184,7 +263,12 @@ class AlardLuptonSubtract(eqx.Module):
             template_psf_fwhm=_fwhm(found["template_widths"]),
             science_psf_fwhm=_fwhm(found["science_widths"]),
         )
+        t_quality = time.perf_counter()
+        with jax.enable_x64(True), runtime.single_threaded_blas():
+            metadata.update(self._quality(template, science, result, sources, found, plan.k))
+        timing["quality"] = time.perf_counter() - t_quality
         metadata.update({f"timing.{k}": v for k, v in timing.items()})
+        check_quality(metadata, cfg)
         return _caller_precision(dataclasses.replace(result, metadata=metadata))
 
 
@@ -205,9 +289,9 @@ def _caller_precision(tree):
     if x64_enabled():
         return tree
 
-    def cast(leaf):
+    def cast(leaf):  # on the host: an eager astype compiles a program per leaf shape
         if isinstance(leaf, jax.Array) and leaf.dtype == np.float64:
-            return leaf.astype(np.float32)
+            return jax.device_put(np.asarray(leaf, np.float32))
         return leaf
 
     return jax.tree.map(cast, tree)

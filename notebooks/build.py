@@ -1,7 +1,7 @@
 """Write the example notebooks (unexecuted) with nbformat: `python notebooks/build.py [NAME ...]`.
 
 Sizes are small so that each executes in about a minute on a CPU (tests/test_notebooks.py runs them);
-04_real_data needs the real data of shared/data/real (its test is skipped without them).
+04_real_data loads its data with `jaxdiff.datasets` (downloaded once, or read from $JAXDIFF_DATA_MIRROR).
 """
 
 from pathlib import Path
@@ -113,10 +113,11 @@ BATCH = [
     ),
     new_code_cell(SETUP + "\nimport tempfile\nfrom pathlib import Path\nfrom jaxdiff.batch import dask_map, run_many"),
     new_code_cell(
-        """config = jd.SubtractConfig(do_decorrelation=False)
-pairs = [jd.sim.reference_pair((96, 96), n_stars=15, seed=i, flux_range=(3000, 8000), template_border=4)
+        """config = jd.SubtractConfig(do_decorrelation=False, restrict_kernel_edge_sources=False)
+pairs = [jd.sim.reference_pair((128, 128), n_stars=30, seed=i, flux_range=(3000, 8000), template_border=4)
          for i in range(6)]
 results = run_many([(p.template, p.science, p.sources) for p in pairs], config, batch_size=3)
+assert all(int(r.metadata["status"]) == 0 for r in results), [int(r.metadata["status"]) for r in results]
 [float(r.metadata["kernel_sum"]) for r in results]"""
     ),
     new_code_cell(
@@ -148,12 +149,12 @@ fig.tight_layout()"""
 REAL = [
     new_markdown_cell(
         "# Real data: DECam and JWST NIRCam\n\n"
-        "Subtract real survey pairs from `shared/data/real` with the default task and measure the result: the "
+        "Subtract real survey pairs with the default task and measure the result: the "
         "normalised noise of the difference (robust σ of difference/√variance) on source-free pixels, the "
         "residuals at the brightest stars, the known variable star of the DECam cut-out and the kernel sum "
-        "against the photometric ratio from aperture photometry. Loaders: `jaxdiff.real` (see its docstrings "
-        "for the variance models). The data are not shipped with the package: without them the first cell "
-        "stops with a clear error (and the notebook test is skipped)."
+        "against the photometric ratio from aperture photometry. The data come from `jaxdiff.datasets`: public "
+        "files of the SFFT repository, downloaded on first use and checked against their SHA-256 (set "
+        "`JAXDIFF_DATA_MIRROR` to read a local copy instead); see its docstrings for the variance models."
     ),
     new_code_cell(
         SETUP
@@ -165,13 +166,9 @@ from pathlib import Path
 from IPython.display import Image
 from scipy import ndimage
 
+from jaxdiff import datasets
 from jaxdiff._plot import diagnostic_figure
-from jaxdiff.real import load_decam, load_jwst
 
-DATA = Path(os.environ.get("JAXDIFF_REAL_DATA", Path(jd.__file__).resolve().parents[2] / "shared" / "data" / "real"))
-DECAM, JWST = DATA / "sfft_decam_decorr", DATA / "sfft_jwst_nircam_a2744"
-if not (DECAM.is_dir() and JWST.is_dir()):
-    raise FileNotFoundError(f"real data not found under {DATA}; set JAXDIFF_REAL_DATA to the shared/data/real folder")
 FIGURES = Path(os.environ.get("JAXDIFF_FIGURE_DIR", "."))  # where real_data.png goes
 task = jd.AlardLuptonSubtract()"""
     ),
@@ -248,7 +245,7 @@ def report(name, template, science, res, r, known=()):
     new_markdown_cell(
         "## DECam i band: 2016 template, 2018 science\n\n"
         "Both 256² cut-outs were resampled by SWarp onto one grid; the variance is the measured sky σ² plus the "
-        "Poisson term (`jaxdiff.real.decam_exposure`). The science seeing is worse (FWHM 5.2 px vs 3.85 px), "
+        "Poisson term (`datasets.load_decam`). The science seeing is worse (FWHM 5.2 px vs 3.85 px), "
         "so the task convolves the template. The star at (60, 181) is the known variable/moving source "
         "(sfft's difference shows a ±85σ dipole there); (129, 128), (100, 72), (103, 233) are sfft's "
         "other residual positions. Epoch 04e has the best science seeing (4.05 px). Apertures: r = 12 px."
@@ -257,7 +254,7 @@ def report(name, template, science, res, r, known=()):
         """KNOWN = [(60, 181, "variable/moving star"), (129, 128, "centre star"), (100, 72, "star"), (103, 233, "star")]
 decam = {}
 for epoch in ("DEC-OBS04a", "DEC-OBS04e"):
-    template, science, _ = load_decam(DECAM, science=epoch)
+    template, science, _ = datasets.load_decam(science=epoch)
     res = task.run(template, science)
     decam[epoch] = (template, science, res, report(epoch, template, science, res, 12, KNOWN))
     print()"""
@@ -271,7 +268,7 @@ for epoch in ("DEC-OBS04a", "DEC-OBS04e"):
     ),
     new_code_cell(
         """BOX = (194, 194, 512, 512)
-j_template, j_science, j_sources = load_jwst(JWST, box=BOX)
+j_template, j_science, j_sources = datasets.load_jwst(box=BOX)
 j_res = task.run(j_template, j_science, j_sources)
 jwst = report("JWST", j_template, j_science, j_res, 8, [(279 - BOX[0], 639 - BOX[1], "brightest star")])"""
     ),

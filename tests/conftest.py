@@ -1,8 +1,17 @@
+import os
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
 
+from tests.utils import REAL_DATA
+
 jax.config.update("jax_enable_x64", True)
+# The task's persistent compilation cache, shared by `make test` and `make test-slow` (not the user's cache)
+os.environ.setdefault("JAXDIFF_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jaxdiff-xla"))
+# jaxdiff.datasets reads the local mirror in place: no test (or notebook kernel, which inherits it) downloads.
+os.environ["JAXDIFF_DATA_MIRROR"] = str(REAL_DATA)
 
 
 @pytest.fixture

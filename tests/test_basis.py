@@ -328,3 +328,11 @@ def test_smooth_kernels_cost_less_than_rough_ones(rng):
         return c @ h @ c
 
     assert penalty(smooth) < 0.05 * penalty(rough)
+
+
+def test_missing_psf_width_uses_the_config_widths_also_when_traced():
+    # §5.1: an exposure without a PSF (plain FITS) gives no width; both routes fall back to al_sig_gauss
+    for fn in (basis.alard_lupton_widths, basis.alard_lupton_widths_traced):
+        widths, mode = fn(None, 2.4, sig_gauss=(0.7, 1.5, 3.0))
+        np.testing.assert_array_equal(np.asarray(widths), [0.7, 1.5, 3.0])
+        assert mode in ("config", 0)

@@ -24,7 +24,7 @@ _NO_REAL_DATA = pytest.mark.skipif(not REAL_DATA.is_dir(), reason="real data (..
     ],
 )
 def test_notebook_executes(name, tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXDIFF_REAL_DATA", str(REAL_DATA))  # the kernel inherits it
+    monkeypatch.setenv("JAXDIFF_DATA_MIRROR", str(REAL_DATA))  # jaxdiff.datasets in the kernel reads the mirror
     monkeypatch.setenv("JAXDIFF_FIGURE_DIR", str(tmp_path))
     from nbclient import NotebookClient
 

@@ -56,13 +56,20 @@ def test_traced_psf_without_plan_raises_a_clear_error():
 
 
 class _Compiles:
+    """XLA compilations: the backend-compile event, which also times persistent-cache reads, less cache hits."""
+
     def __init__(self):
         self.n = 0
-        monitoring.register_event_duration_secs_listener(self)
+        monitoring.register_event_duration_secs_listener(self.on_duration)
+        monitoring.register_event_listener(self.on_event)
 
-    def __call__(self, event, duration, **kwargs):
+    def on_duration(self, event, duration, **kwargs):
         if event == _COMPILE_EVENT:
             self.n += 1
+
+    def on_event(self, event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            self.n -= 1
 
 
 @pytest.mark.slow
@@ -102,10 +109,11 @@ def test_a_second_process_reads_the_persistent_cache(tmp_path):
                 counts["hits"] += 1
         monitoring.register_event_duration_secs_listener(on_duration)
         monitoring.register_event_listener(on_event)
-        pair = jd.sim.simulate_pair((96, 96), seed=2, n_stars=40)
+        pair = jd.sim.simulate_pair((160, 160), seed=2, n_stars=60)
         before = dict(counts)
         jd.AlardLuptonSubtract(kernel_size_buckets=(21,)).run(pair.template, pair.science, pair.sources)
-        print(counts["compiles"] - before["compiles"], counts["hits"] - before["hits"])
+        hits = counts["hits"] - before["hits"]
+        print(counts["compiles"] - before["compiles"] - hits, hits)  # the compile event also times cache reads
         """
     )
     env = {**__import__("os").environ, "JAXDIFF_CACHE_DIR": str(tmp_path / "xla")}

@@ -218,7 +218,7 @@ def test_template_smaller_than_science(pair, task):
 
 def test_kernel_larger_than_image(pair):
     """A kernel whose (2k + 1)² stamps exceed the image: a ValueError naming both (it used to crash in a gather)."""
-    task = jd.AlardLuptonSubtract(scale_by_fwhm=False, kernel_size=101)
+    task = jd.AlardLuptonSubtract(scale_by_fwhm=False, kernel_size=101, fit_region="stamps")
     with pytest.raises(ValueError, match=r"kernel size 101 needs \(203, 203\) stamps.*\(160, 160\)"):
         task.run(pair.template, pair.science, pair.sources)
     with pytest.raises(ValueError, match="kernel size 101"):
@@ -228,7 +228,7 @@ def test_kernel_larger_than_image(pair):
 def test_kernel_stamps_that_cannot_fit_any_source(pair):
     """Stamps that fit the image but leave no room for any source (restricted edges): a clear
     InsufficientKernelSourcesError, no crash."""
-    task = jd.AlardLuptonSubtract(scale_by_fwhm=False, kernel_size=41)
+    task = jd.AlardLuptonSubtract(scale_by_fwhm=False, kernel_size=41, fit_region="stamps")
     with pytest.raises(jd.InsufficientKernelSourcesError) as info:
         task.run(pair.template, pair.science, pair.sources)
     assert info.value.n_sources == 0

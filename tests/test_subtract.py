@@ -222,12 +222,12 @@ def test_no_recompile_for_new_data(small_pairs, small_results):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(duration)
 
-    jax.monitoring.register_event_duration_secs_listener(on_duration)
-    for p in small_pairs:
-        r = jd.subtract(p.template, p.science, p.sources, _CFG)
-        assert int(r.metadata["status"]) == jd.RESULTS.successful
     p = small_pairs[0]
-    scaled = eqx.tree_at(lambda e: e.image, p.science, p.science.image * 1.01)
+    scaled = eqx.tree_at(lambda e: e.image, p.science, p.science.image * 1.01)  # (compiles a multiply)
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    for q in small_pairs:
+        r = jd.subtract(q.template, q.science, q.sources, _CFG)
+        assert int(r.metadata["status"]) == jd.RESULTS.successful
     jax.block_until_ready(jd.subtract(p.template, scaled, p.sources, _CFG))
     assert len(compiles) == 0
 
@@ -328,9 +328,13 @@ def test_delta_function_self_match():
 def test_jit_grad_and_disable_jit_of_a_loss_through_subtract():
     """A loss that calls `jd.subtract` with a traced template image and a traced science PSF width (plan passed
     in): `jax.jit`, `jax.grad`, `jax.jit(jax.grad)` and `jax.disable_jit()` all agree with the plain call."""
-    pair = jd.sim.simulate_pair((96, 96), seed=4, n_stars=40, dtype=np.float64)
+    # 192² for enough stamps in 3 × 3 cells (a singular spatial system is not differentiable, see
+    # test_gradients.py); σ 1.6 → 2.6 so that the basis widths, and the loss, depend on the science PSF width
+    pair = jd.sim.simulate_pair(
+        (192, 192), seed=4, n_stars=60, template_sigma=1.6, science_sigma=2.6, flux_range=(4000, 9000), dtype=np.float64
+    )
     cfg = jd.SubtractConfig(kernel_size_buckets=(21,))
-    science0 = eqx.tree_at(lambda e: e.psf, pair.science, jd.GaussianPsf(2.4, 41))
+    science0 = eqx.tree_at(lambda e: e.psf, pair.science, jd.GaussianPsf(2.6, 41))
     plan = jd.make_plan(pair.template, science0, pair.sources, cfg)
 
     def loss(image, width):
@@ -338,7 +342,7 @@ def test_jit_grad_and_disable_jit_of_a_loss_through_subtract():
         science = eqx.tree_at(lambda e: e.psf, pair.science, jd.GaussianPsf(width, 41))
         return jnp.sum(jd.subtract(template, science, pair.sources, cfg, plan).difference.image ** 2)
 
-    args = (pair.template.image, jnp.asarray(2.4))
+    args = (pair.template.image, jnp.asarray(2.6))
     plain = loss(*args)
     assert np.isfinite(float(plain))
     np.testing.assert_allclose(jax.jit(loss)(*args), plain, rtol=1e-10)
@@ -378,4 +382,5 @@ def test_vmap_over_pairs_with_different_psfs_equals_separate_calls():
     for i, one in enumerate(separate):
         got = jax.tree.map(lambda a, i=i: a[i], batched)
         assert bool(got.metadata["convolves_template"]) == modes[i]
-        _assert_results_equal(got, one)
+        # vmapped FFTs and reductions sum in another order: pixels of a few hundred counts agree to ~1e-10
+        _assert_results_equal(got, one, atol=1e-7)

@@ -1,10 +1,15 @@
 """Shared test helpers."""
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+# The local mirror of the public real pairs (jaxdiff.datasets' layout): ../shared/data/real beside the clone, or the
+# folder in $JAXDIFF_DATA_MIRROR (e.g. when the tests run from a copy outside the checkout). Tests never download.
+_MIRROR = os.environ.get("JAXDIFF_DATA_MIRROR", "")
+_BESIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+REAL_DATA = Path(_MIRROR) if _MIRROR and "://" not in _MIRROR else _BESIDE
 
 
 def assert_allclose(actual, desired, rtol=None, atol=0.0, err_msg=""):

@@ -83,7 +83,7 @@ def alard_lupton_widths_traced(
     """`alard_lupton_widths` for traced PSF widths (jit, vmap, grad): branches by `jnp.where`.
 
     Arguments:
-        sigma_x, sigma_y: PSF σ (pixels) of X and Y, scalars (may be traced).
+        sigma_x, sigma_y: PSF σ (pixels) of X and Y, scalars (may be traced); None when an image has no PSF.
         sig_gauss, beta, min_sig, min_sig_deconv, scale_by_fwhm: as `alard_lupton_widths` (static).
 
     Returns:
@@ -91,7 +91,7 @@ def alard_lupton_widths_traced(
         code indexes `BASIS_MODES` (0 config, 1 convolution, 2 deconvolution).
     """
     dtype = solve_dtype()
-    if not scale_by_fwhm:
+    if not scale_by_fwhm or sigma_x is None or sigma_y is None:  # §5.1: a missing width uses the config widths
         return jnp.asarray(sig_gauss, dtype=dtype), jnp.asarray(0)
     sx = jnp.asarray(sigma_x, dtype=dtype)
     sy = jnp.asarray(sigma_y, dtype=dtype)

@@ -14,9 +14,12 @@ from ._convert import legacy_name as legacy_name
 from ._convert import sources_table as sources_table
 from ._convert import to_exposure as to_exposure
 from ._convert import to_sources as to_sources
+from ._external import ExternalCalibrationError as ExternalCalibrationError
+from ._external import apply_external_calibration as apply_external_calibration
 from ._task import AlardLuptonSubtractConfig as AlardLuptonSubtractConfig
 from ._task import AlardLuptonSubtractConnections as AlardLuptonSubtractConnections
 from ._task import AlardLuptonSubtractTask as AlardLuptonSubtractTask
+from ._task import BadSubtractionError as BadSubtractionError
 from ._task import InsufficientKernelSourcesError as InsufficientKernelSourcesError
 from ._task import NoKernelCandidatesError as NoKernelCandidatesError
 

@@ -12,6 +12,7 @@ from .._config import SubtractConfig
 from .._kernel import SpatialKernel
 from .._task import AlardLuptonSubtract
 from . import _convert
+from ._external import apply_external_calibration
 
 _DIMENSIONS = ("instrument", "visit", "detector")
 
@@ -30,6 +31,14 @@ class NoKernelCandidatesError(pipeBase.AlgorithmError, _errors.NoKernelCandidate
     @property
     def metadata(self) -> dict:
         return {}
+
+
+class BadSubtractionError(pipeBase.AlgorithmError, _errors.BadSubtractionError):
+    """The difference keeps too much of the sources (raiseOnBadSubtractionRatio); a `lsst.pipe.base.AlgorithmError`."""
+
+    @property
+    def metadata(self) -> dict:
+        return {"ratio": self.ratio, "threshold": self.threshold}
 
 
 class AlardLuptonSubtractConnections(pipeBase.PipelineTaskConnections, dimensions=_DIMENSIONS):
@@ -77,6 +86,18 @@ class AlardLuptonSubtractConnections(pipeBase.PipelineTaskConnections, dimension
         storageClass="ArrowAstropy",
         dimensions=_DIMENSIONS,
     )
+    finalizedPsfApCorrCatalog = cT.Input(
+        doc="Per-visit catalogue of final PSFs and aperture corrections; the science detector's row replaces the "
+        "science PSF and aperture corrections (only with doApplyExternalCalibrations).",
+        name="finalized_psf_ap_corr_catalog",
+        storageClass="ExposureCatalog",
+        dimensions=("instrument", "visit"),
+    )
+
+    def __init__(self, *, config=None):
+        super().__init__(config=config)
+        if not config.doApplyExternalCalibrations:
+            del self.finalizedPsfApCorrCatalog
 
 
 class AlardLuptonSubtractConfig(pipeBase.PipelineTaskConfig, pipelineConnections=AlardLuptonSubtractConnections):
@@ -164,6 +185,36 @@ class AlardLuptonSubtractConfig(pipeBase.PipelineTaskConfig, pipelineConnections
         doc="Template mask planes copied to the difference as <name>_TEMPLATE.",
     )
 
+    doApplyExternalCalibrations = pexConfig.Field(
+        dtype=bool,
+        default=False,
+        doc="Replace the science PSF and aperture corrections with the finalizedPsfApCorrCatalog row.",
+    )
+    allowKernelSourceDetection = pexConfig.Field(
+        dtype=bool, default=False, doc="Detect kernel sources on the science image when too few are usable."
+    )
+    raiseOnBadSubtractionRatio = pexConfig.Field(
+        dtype=bool,
+        default=False,
+        doc="Raise if the difference-to-science footprint ratio exceeds badSubtractionRatioThreshold.",
+    )
+    badSubtractionRatioThreshold = pexConfig.Field(
+        dtype=float, default=0.2, doc="Maximum mean ratio of |difference| to science in source footprints."
+    )
+    badSubtractionVariationThreshold = pexConfig.Field(
+        dtype=float, default=0.4, doc="Maximum standard deviation of that ratio across footprints."
+    )
+    fitRegion = pexConfig.ChoiceField(
+        dtype=str,
+        default="auto",
+        allowed={
+            "auto": "Fit on the whole overlap when no kernel stamp fits the image, else on stamps.",
+            "stamps": "Fit on stamps around kernel sources (ip_diffim).",
+            "image": "Fit a spatially constant kernel on the whole overlap.",
+        },
+        doc="Where the kernel is fitted (jaxdiff).",
+    )
+
     def validate(self):
         super().validate()
         if self.sizeCellX != self.sizeCellY:
@@ -219,6 +270,11 @@ class AlardLuptonSubtractConfig(pipeBase.PipelineTaskConfig, pipelineConnections
             bad_mask_planes=tuple(self.badMaskPlanes),
             preserve_template_mask=tuple(self.preserveTemplateMask),
             rename_template_mask=tuple(self.renameTemplateMask),
+            allow_kernel_source_detection=self.allowKernelSourceDetection,
+            raise_on_bad_subtraction_ratio=self.raiseOnBadSubtractionRatio,
+            bad_subtraction_ratio_threshold=self.badSubtractionRatioThreshold,
+            bad_subtraction_variation_threshold=self.badSubtractionVariationThreshold,
+            fit_region=self.fitRegion,
         )
 
 
@@ -230,6 +286,8 @@ def _lsst_error(err: Exception) -> Exception:
         return InsufficientKernelSourcesError(err.n_sources, err.n_required)
     if isinstance(err, _errors.NoKernelCandidatesError):
         return NoKernelCandidatesError(str(err))
+    if isinstance(err, _errors.BadSubtractionError):
+        return BadSubtractionError(err.ratio, err.threshold, err.what)
     return err
 
 
@@ -254,19 +312,27 @@ class AlardLuptonSubtractTask(pipeBase.PipelineTask):
         butlerQC.put(outputs, outputRefs)
 
     @timeMethod
-    def run(self, template: VisitImage, science: VisitImage, sources) -> pipeBase.Struct:
+    def run(
+        self, template: VisitImage, science: VisitImage, sources, finalizedPsfApCorrCatalog=None
+    ) -> pipeBase.Struct:
         """PSF-match, subtract and (if `doDecorrelation`) decorrelate, in the configured `mode`.
 
         Arguments:
             template: template `VisitImage` on the science pixel grid (its box covers the science box).
             science: science `VisitImage`.
             sources: astropy table of kernel-candidate positions (`x`/`y` or `slot_Centroid_x/y`).
+            finalizedPsfApCorrCatalog: optional per-visit calibration catalogue; its row for the science
+                detector replaces the science PSF and aperture corrections (see `_external`). Given, it is
+                applied whatever `doApplyExternalCalibrations` says (that field only adds the connection).
 
         Returns:
             `Struct` with `difference` (`DifferenceImage`), `matchedTemplate` (`VisitImage`),
             `backgroundModel` (`jd.BackgroundModel`), `psfMatchingKernel` (`ImageBasisConvolutionKernel`)
             and `kernelSources` (astropy table).
         """
+        if finalizedPsfApCorrCatalog is not None:
+            with self.timer("applyExternalCalibrations"):
+                science = apply_external_calibration(science, finalizedPsfApCorrCatalog)
         return self._subtract(template, science, sources, self.subtractor.run)
 
     @timeMethod
@@ -338,7 +404,14 @@ class AlardLuptonSubtractTask(pipeBase.PipelineTask):
         with self.timer("convertOutputs"):
             kernel = _convert.kernel_to_lsst(result.psf_matching_kernel)
             psf = science.psf if md["mode"] == "convolveTemplate" else template.psf
-            difference = _convert.from_exposure(result.difference, science, cls=DifferenceImage, psf=psf, kernel=kernel)
+            difference = _convert.from_exposure(
+                result.difference,
+                science,
+                cls=DifferenceImage,
+                psf=psf,
+                kernel=kernel,
+                aperture_corrections=dict(science.aperture_corrections),
+            )
             matched = _convert.from_exposure(result.matched_template, template)
         return pipeBase.Struct(
             difference=difference,
@@ -364,6 +437,12 @@ class AlardLuptonSubtractTask(pipeBase.PipelineTask):
             "kernelSize": md["kernel_size"],
             "residualMean": md["residual_mean"],
             "residualStd": md["residual_std"],
+            "differenceFootprintRatioMean": md.get("difference_footprint_ratio_mean"),
+            "differenceFootprintRatioStdev": md.get("difference_footprint_ratio_stdev"),
+            "scienceLimitingMagnitude": md.get("science_limiting_magnitude"),
+            "templateLimitingMagnitude": md.get("template_limiting_magnitude"),
+            "diffimLimitingMagnitude": md.get("difference_limiting_magnitude"),
+            "fitRegion": md.get("fit_region"),
         }
         for key, value in values.items():
             if value is None:

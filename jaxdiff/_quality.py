@@ -1,0 +1,193 @@
+"""Subtraction quality figures for the task metadata, and the opt-in bad-subtraction error.
+
+ip_diffim records template coverage, variance factors and PSF sizes in `AlardLuptonSubtractTask`'s metadata,
+limiting magnitudes (`_calculateMagLim`) and, in `DetectAndMeasureTask.calculateMetrics`, the ratio of the
+difference to the science image in source footprints, raising `BadSubtractionError` above a threshold when
+`raiseOnBadSubtractionRatio` is set. The footprint ratio and per-source residual statistics are computed here
+on host (numpy, after one `jax.device_get`), once per task call.
+"""
+
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._config import SubtractConfig
+from ._errors import BadSubtractionError
+from ._exposure import Exposure
+from ._mask import bitmask
+from ._psf import FWHM_PER_SIGMA, Psf
+from ._sources import Sources
+
+_AB_NJY = 31.4  # AB magnitude of 1 nJy
+_NSIGMA = 5.0  # limiting magnitudes are for 5σ point sources, as ip_diffim's
+_EXCLUDED = ("NO_DATA", "BAD", "SAT", "SAT_TEMPLATE", "EDGE", "CR", "INTRP")  # pixels kept out of the figures
+
+
+@eqx.filter_jit
+def _sigma_xy(psf: Psf):
+    return jnp.stack(psf.sigma_xy())
+
+
+def psf_widths(psf: Psf | None):
+    """(σx, σy) in pixels as Python floats (adaptive moments), or None without a PSF or when they fail."""
+    if psf is None:
+        return None
+    w = np.asarray(jax.device_get(_sigma_xy(psf)), dtype=np.float64)
+    return (float(w[0]), float(w[1])) if np.all(np.isfinite(w)) else None
+
+
+def limiting_magnitude(variance: np.ndarray, good: np.ndarray, sigma_xy, photo_calib: float) -> float | None:
+    """AB magnitude of a 5σ point source: zp − 2.5 log10(5 √(A · median V)), A = 4π σx σy the PSF's noise-
+    equivalent area and zp = 31.4 − 2.5 log10(photo_calib) (photo_calib in nJy per count; ip_diffim's
+    `_calculateMagLim`). None without a PSF, a positive finite calibration, or good pixels."""
+    if sigma_xy is None or not (np.isfinite(photo_calib) and photo_calib > 0) or not np.any(good):
+        return None
+    area = 4 * np.pi * sigma_xy[0] * sigma_xy[1]
+    noise = np.sqrt(area * float(np.median(variance[good])))
+    if not (np.isfinite(noise) and noise > 0):
+        return None
+    return float(_AB_NJY - 2.5 * np.log10(photo_calib) - 2.5 * np.log10(_NSIGMA * noise))
+
+
+def _boxes(plane: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: int, fill) -> np.ndarray:
+    """(n, 2r + 1, 2r + 1) cut-outs of `plane` centred on integer (cx, cy), `fill` beyond the array."""
+    padded = np.pad(plane, r, constant_values=fill)
+    off = np.arange(-r, r + 1)
+    return padded[(cy + r)[:, None, None] + off[None, :, None], (cx + r)[:, None, None] + off[None, None, :]]
+
+
+def footprint_figures(
+    science: Exposure, difference: Exposure, sources: Sources, fwhm: float, half: int, min_snr: float = 10.0
+) -> dict:
+    """Per-source statistics on the difference, and ip_diffim's difference-to-science footprint ratio.
+
+    Arguments:
+        science, difference: exposures on the science box (host arrays are read once).
+        sources: the kernel candidates (valid entries inside the box are used).
+        fwhm: science PSF FWHM (pixels); footprints are disks of radius max(2, 2·FWHM).
+        half: half side of the square stamp whose residual statistics are reported (the kernel's half size).
+        min_snr: footprints enter the ratio when the source's S/N in them exceeds this.
+
+    Returns:
+        A dict: `difference_footprint_ratio_mean` and `_stdev` ((Σ|D − level| − noise floor) / Σ(S − sky) over
+        each footprint free of excluded pixels whose source has S/N > `min_snr`; levels are medians of a 3-pixel
+        annulus, the noise floor is √(2/π) Σ √V_D, the expected Σ|D| of pure noise, as in ip_diffim's
+        `computeDifferenceImageMetrics`; None when no footprint qualifies), `n_footprints`, and
+        `stamp_statistics`, a dict of lists (`x`, `y`, `residual_mean`, `residual_std`, `n_pixels`) of
+        D/√variance over each source's
+        (2·half + 1)² stamp (good pixels only).
+    """
+    s_img, s_var, d_img, d_var, d_mask = (
+        np.asarray(a)
+        for a in jax.device_get(
+            (science.image, science.variance, difference.image, difference.variance, difference.mask)
+        )
+    )
+    x0, y0 = (int(v) for v in np.asarray(science.xy0))
+    valid = np.asarray(sources.valid, bool) if len(sources) else np.zeros(0, bool)
+    x = np.asarray(sources.x, np.float64)[valid]
+    y = np.asarray(sources.y, np.float64)[valid]
+    cx = np.floor(x + 0.5).astype(int) - x0
+    cy = np.floor(y + 0.5).astype(int) - y0
+    ny, nx = s_img.shape
+    inside = (cx >= 0) & (cy >= 0) & (cx < nx) & (cy < ny)
+    x, y, cx, cy = x[inside], y[inside], cx[inside], cy[inside]
+    bad = (d_mask & bitmask(difference.mask_planes, _EXCLUDED)) != 0
+    ok = np.isfinite(d_img) & np.isfinite(d_var) & (d_var > 0) & np.isfinite(s_img) & ~bad
+    # residual statistics on each stamp
+    z = np.where(ok, d_img / np.sqrt(np.where(ok, d_var, 1.0)), np.nan)
+    zb = _boxes(z, cx, cy, half, np.nan)
+    n_pix = np.sum(np.isfinite(zb), axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n_pix > 0, np.nansum(zb, axis=(1, 2)) / np.maximum(n_pix, 1), np.nan)
+        var = np.nansum((zb - mean[:, None, None]) ** 2, axis=(1, 2)) / np.maximum(n_pix - 1, 1)
+    stamps = dict(
+        x=x.tolist(),
+        y=y.tolist(),
+        residual_mean=[None if not np.isfinite(v) else float(v) for v in mean],
+        residual_std=[None if n < 2 else float(np.sqrt(v)) for v, n in zip(var, n_pix, strict=True)],
+        n_pixels=n_pix.astype(int).tolist(),
+    )
+    # footprint ratio: disks of radius 2·FWHM, sky from the median of a 3-pixel annulus beyond them
+    r = max(2, int(round(2 * fwhm)))
+    ra = r + 3
+    off = np.arange(-ra, ra + 1)
+    rr = np.hypot(off[None, :], off[:, None])
+    disk, ring = rr <= r, (rr > r) & (rr <= ra)
+
+    sb = _boxes(np.where(ok, s_img, np.nan), cx, cy, ra, np.nan)
+    vb = _boxes(np.where(ok, s_var, np.nan), cx, cy, ra, np.nan)
+    db = _boxes(np.where(ok, d_img, np.nan), cx, cy, ra, np.nan)
+    dvb = _boxes(np.where(ok, d_var, np.nan), cx, cy, ra, np.nan)
+    complete = np.all(np.isfinite(sb[:, disk]) & np.isfinite(db[:, disk]), axis=1)
+    complete &= (np.sum(np.isfinite(sb[:, ring]), axis=1) >= 8) & (np.sum(np.isfinite(db[:, ring]), axis=1) >= 8)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rings of incomplete disks
+        sky_s = np.nanmedian(sb[:, ring], axis=1)
+        sky_d = np.nanmedian(db[:, ring], axis=1)
+        flux = np.sum(sb[:, disk] - sky_s[:, None], axis=1)
+        snr = flux / np.sqrt(np.sum(vb[:, disk], axis=1))
+        resid = np.sum(np.abs(db[:, disk] - sky_d[:, None]), axis=1)
+        # the noise floor of Σ|D|: E|N(0, V)| = √(2V/π) per pixel, from the difference's variance plane (ip_diffim
+        # subtracts the same sum measured on sky footprints)
+        floor = np.sqrt(2 / np.pi) * np.sum(np.sqrt(dvb[:, disk]), axis=1)
+    # footprints of the sources kernel stars are drawn from: S/N above the detection threshold
+    use = complete & (snr > min_snr)
+    ratios = (resid[use] - floor[use]) / flux[use]
+    return dict(
+        difference_footprint_ratio_mean=float(np.mean(ratios)) if ratios.size else None,
+        difference_footprint_ratio_stdev=float(np.std(ratios)) if ratios.size > 1 else None,
+        n_footprints=int(ratios.size),
+        stamp_statistics=stamps,
+    )
+
+
+def quality_figures(
+    template: Exposure,
+    science: Exposure,
+    difference: Exposure,
+    sources: Sources,
+    widths,
+    kernel_size: int,
+    min_snr: float = 10.0,
+) -> dict:
+    """Limiting magnitudes of the science, template and difference, and the footprint figures.
+
+    Arguments:
+        template, science: the inputs; difference: the task's difference.
+        sources: the kernel candidates.
+        widths: {"template": (σx, σy) or None, "science": ..., "difference": ...} PSF widths (pixels).
+        kernel_size: side of the matching kernel (residual stamps are that wide).
+        min_snr: S/N above which a source's footprint enters the ratio.
+    """
+
+    def maglim(e: Exposure, w, calib):
+        var, mask = (np.asarray(a) for a in jax.device_get((e.variance, e.mask)))
+        good = np.isfinite(var) & (var > 0) & ((mask & bitmask(e.mask_planes, ("NO_DATA", "BAD", "SAT"))) == 0)
+        return limiting_magnitude(var, good, w, float(np.asarray(calib)))
+
+    out = {
+        "science_limiting_magnitude": maglim(science, widths["science"], science.photo_calib),
+        "template_limiting_magnitude": maglim(template, widths["template"], template.photo_calib),
+        "difference_limiting_magnitude": maglim(difference, widths["difference"], difference.photo_calib),
+    }
+    ws = widths["science"]
+    fwhm = 2.0 * FWHM_PER_SIGMA if ws is None else FWHM_PER_SIGMA * float(np.sqrt(0.5 * (ws[0] ** 2 + ws[1] ** 2)))
+    out.update(footprint_figures(science, difference, sources, fwhm, kernel_size // 2, min_snr))
+    return out
+
+
+def check_quality(metadata: dict, config: SubtractConfig) -> None:
+    """Raise `BadSubtractionError` when `config.raise_on_bad_subtraction_ratio` and a footprint figure exceeds
+    its threshold (ip_diffim's `calculateMetrics`)."""
+    if not config.raise_on_bad_subtraction_ratio:
+        return
+    mean = metadata.get("difference_footprint_ratio_mean")
+    if mean is not None and mean > config.bad_subtraction_ratio_threshold:
+        raise BadSubtractionError(mean, config.bad_subtraction_ratio_threshold, "mean")
+    std = metadata.get("difference_footprint_ratio_stdev")
+    if std is not None and std > config.bad_subtraction_variation_threshold:
+        raise BadSubtractionError(std, config.bad_subtraction_variation_threshold, "standard deviation of the")

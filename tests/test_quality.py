@@ -1,0 +1,77 @@
+"""Quality figures in the task metadata and the opt-in bad-subtraction error."""
+
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+from jaxdiff._quality import limiting_magnitude
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return jd.sim.simulate_pair((160, 160), seed=6, n_stars=60, template_sigma=1.6, science_sigma=2.2)
+
+
+@pytest.fixture(scope="module")
+def result(pair):
+    return jd.AlardLuptonSubtract().run(pair.template, pair.science, pair.sources)
+
+
+def test_quality_figures_in_metadata(pair, result):
+    md = result.metadata
+    for key in ("template_coverage", "science_variance_factor", "template_variance_factor"):
+        assert np.isfinite(md[key])
+    assert md["science_psf_fwhm"] == pytest.approx(2.3548 * 2.2, rel=0.02)
+    assert md["template_psf_fwhm"] == pytest.approx(2.3548 * 1.6, rel=0.02)
+    # 5σ limiting magnitudes (photo_calib 1 nJy/count): science sky 300 + read noise 25 counts², σ 2.2 px
+    want = 31.4 - 2.5 * np.log10(5 * np.sqrt(4 * np.pi * 2.2**2 * 325.0))
+    assert md["science_limiting_magnitude"] == pytest.approx(want, abs=0.05)
+    assert md["template_limiting_magnitude"] > md["science_limiting_magnitude"]  # darker sky, sharper PSF
+    assert md["difference_limiting_magnitude"] < md["science_limiting_magnitude"]  # the template adds noise
+    # a good subtraction keeps little of the stars: ip_diffim's threshold is 0.2
+    assert md["n_footprints"] >= 20
+    assert 0 < md["difference_footprint_ratio_mean"] < 0.2
+    assert md["difference_footprint_ratio_stdev"] < 0.4
+    stamps = md["stamp_statistics"]
+    n = len(stamps["x"])
+    assert n == int(np.sum(np.asarray(pair.sources.valid))) and len(stamps["residual_std"]) == n
+    std = np.array([v for v in stamps["residual_std"] if v is not None])
+    assert std.size > 0.8 * n and 0.7 < np.median(std) < 1.5
+
+
+def test_limiting_magnitude_needs_a_calibration():
+    var, good = np.full((10, 10), 4.0), np.ones((10, 10), bool)
+    assert limiting_magnitude(var, good, (2.0, 2.0), 0.0) is None
+    assert limiting_magnitude(var, good, None, 1.0) is None
+    # ten times the flux per count: 2.5 magnitudes brighter zero point
+    assert limiting_magnitude(var, good, (2.0, 2.0), 10.0) == pytest.approx(
+        limiting_magnitude(var, good, (2.0, 2.0), 1.0) - 2.5
+    )
+
+
+def test_bad_subtraction_raises_above_threshold(pair, result):
+    ratio = result.metadata["difference_footprint_ratio_mean"]
+    # opt-in: off by default, so a low threshold alone changes nothing
+    jd.AlardLuptonSubtract(bad_subtraction_ratio_threshold=ratio / 2).run(pair.template, pair.science, pair.sources)
+    task = jd.AlardLuptonSubtract(raise_on_bad_subtraction_ratio=True, bad_subtraction_ratio_threshold=ratio / 2)
+    with pytest.raises(jd.BadSubtractionError) as info:
+        task.run(pair.template, pair.science, pair.sources)
+    assert info.value.ratio == pytest.approx(ratio) and info.value.threshold == ratio / 2
+    # at the default thresholds this subtraction passes
+    jd.AlardLuptonSubtract(raise_on_bad_subtraction_ratio=True).run(pair.template, pair.science, pair.sources)
+
+
+def test_bad_subtraction_detected(pair, result):
+    """A template 30 % too bright, subtracted with the kernel of the good fit (which cannot absorb the scale),
+    leaves 30 % of the stars in the difference: the ratio exceeds ip_diffim's 0.2 and the task raises."""
+    t = pair.template
+    bright = jd.Exposure(1.3 * np.asarray(t.image), 1.69 * np.asarray(t.variance), t.mask, t.psf, t.xy0)
+    kernel = result.psf_matching_kernel
+    md = jd.AlardLuptonSubtract().run_with_kernel(bright, pair.science, kernel, sources=pair.sources).metadata
+    assert 0.2 < md["difference_footprint_ratio_mean"] < 0.35
+    task = jd.AlardLuptonSubtract(raise_on_bad_subtraction_ratio=True)
+    with pytest.raises(jd.BadSubtractionError, match="above the threshold 0.2"):
+        task.run_with_kernel(bright, pair.science, kernel, sources=pair.sources)
+    # with the flux scale fitted the subtraction is good again
+    good = task.run_with_kernel(bright, pair.science, kernel, fit_flux_scale=True, sources=pair.sources)
+    assert good.metadata["difference_footprint_ratio_mean"] < 0.2
