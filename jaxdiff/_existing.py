@@ -20,6 +20,7 @@ from ._kernel import SpatialKernel
 from ._mask import plane_bit
 from ._plan import Plan, psf_size_for
 from ._prepare import exclusion_bits, output_planes
+from ._sources import Sources, capacity_for
 from ._stats import quantile_masked, usable
 from ._subtract import Fitted, Prepared, Selection, core_inputs, difference, prepare, restore_wcs
 from ._types import select, solve_dtype
@@ -118,8 +119,8 @@ def fit_fixed_kernel(prep: Prepared, kernel: SpatialKernel, config: SubtractConf
 
 
 @eqx.filter_jit
-def _core_fixed(template, science, kernel, config, plan, fit_flux_scale):
-    prep = prepare(template, science, config, plan)
+def _core_fixed(template, science, kernel, config, plan, fit_flux_scale, sources):
+    prep = prepare(template, science, config, plan, sources)
     # the kernel's spatial terms mean what they meant when it was fitted: its own box, order and model
     prep = prep._replace(box=kernel.box.astype(prep.box.dtype))
     sel, fitted = fit_fixed_kernel(prep, kernel, config, fit_flux_scale)
@@ -148,6 +149,7 @@ def subtract_with_kernel(
     kernel: SpatialKernel,
     config: SubtractConfig | None = None,
     fit_flux_scale: bool = False,
+    sources: Sources | None = None,
 ):
     """Subtract with a given PSF-matching kernel, fitting only the background (and optionally a flux scale).
 
@@ -161,6 +163,8 @@ def subtract_with_kernel(
             evaluated over its own box.
         config: a `SubtractConfig`; `mode`, the background order, masks, weighting and decorrelation apply.
         fit_flux_scale: also fit a factor s on the kernel (s·K); default False (s = 1).
+        sources: known sources (parent coordinates), whose footprints the noise model keeps out of the variance
+            estimates as `jd.subtract` does with its kernel sources (default: only the ones it detects itself).
 
     Returns:
         A `SubtractResult` like `jd.subtract`'s; `metadata` adds `flux_scale`, `n_fit_pixels` and
@@ -168,5 +172,6 @@ def subtract_with_kernel(
     """
     config = SubtractConfig() if config is None else config
     plan = fixed_kernel_plan(template, science, kernel, config)
-    t_in, s_in, _ = core_inputs(template, science, None, psf_size=plan.psf_size)
-    return restore_wcs(_core_fixed(t_in, s_in, kernel, config, plan, fit_flux_scale), science.wcs)
+    capacity = None if sources is None else capacity_for(len(sources))
+    t_in, s_in, src = core_inputs(template, science, sources, psf_size=plan.psf_size, capacity=capacity)
+    return restore_wcs(_core_fixed(t_in, s_in, kernel, config, plan, fit_flux_scale, src), science.wcs)

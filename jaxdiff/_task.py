@@ -103,7 +103,8 @@ class AlardLuptonSubtract(eqx.Module):
     ) -> SubtractResult:
         """Subtract with a given kernel, fitting only the background (and, if `fit_flux_scale`, a flux scale):
         ip_diffim's `SimplifiedSubtractTask` with `useExistingKernel` (see `jaxdiff._existing`). `sources` (found
-        on the science image when None) only set the footprints of the quality figures."""
+        on the science image when None) set the footprints of the quality figures and, when given, are kept out
+        of the variance estimates as the kernel sources are in `run`."""
         runtime.enter()
         cfg = self.config
         t0 = time.perf_counter()
@@ -117,7 +118,7 @@ class AlardLuptonSubtract(eqx.Module):
                     f"template covers {found['coverage']:.1%} of the science image, less than the required "
                     f"{cfg.required_template_fraction:.1%} (required_template_fraction)"
                 )
-            result = restore_wcs(subtract_with_kernel(template, science, kernel, cfg, fit_flux_scale), science.wcs)
+            result = subtract_with_kernel(template, science, kernel, cfg, fit_flux_scale, sources)
             md = {k: _plain(v) for k, v in jax.device_get(result.metadata).items()}
             if RESULTS(int(md["status"])) != RESULTS.successful:
                 raise RuntimeError("the background fit with the given kernel is not finite")

@@ -18,7 +18,8 @@ def full(pair):
 
 def test_given_kernel_reproduces_the_full_fit(pair, full):
     task = jd.AlardLuptonSubtract()
-    again = task.run_with_kernel(pair.template, pair.science, full.psf_matching_kernel)
+    # the same sources as the fit, whose footprints the noise model keeps out of the variance estimates
+    again = task.run_with_kernel(pair.template, pair.science, full.psf_matching_kernel, sources=pair.sources)
     np.testing.assert_allclose(
         np.asarray(again.difference.image), np.asarray(full.difference.image), rtol=1e-5, atol=1e-4
     )
