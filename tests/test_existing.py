@@ -54,6 +54,6 @@ def test_flux_scale_is_fitted(pair, full):
 
 
 def test_pure_function_matches_the_task(pair, full):
-    res = jd.subtract_with_kernel(pair.template, pair.science, full.psf_matching_kernel)
+    res = jd.subtract_with_kernel(pair.template, pair.science, full.psf_matching_kernel, sources=pair.sources)
     np.testing.assert_allclose(np.asarray(res.difference.image), np.asarray(full.difference.image), atol=1e-4)
     assert int(res.metadata["status"]) == 0
