@@ -109,15 +109,7 @@ class AlardLuptonSubtract(eqx.Module):
         cfg = self.config
         t0 = time.perf_counter()
         with jax.enable_x64(True), runtime.single_threaded_blas():
-            validate(template, science, cfg)
-            psf_size = psf_size_for(template, science, cfg)
-            t_in, s_in, _ = core_inputs(template, science, None, psf_size=psf_size)
-            found = facts(t_in, s_in)
-            if found["coverage"] < cfg.required_template_fraction:
-                raise NoWorkFound(
-                    f"template covers {found['coverage']:.1%} of the science image, less than the required "
-                    f"{cfg.required_template_fraction:.1%} (required_template_fraction)"
-                )
+            psf_size, t_in, s_in, found = _checked_inputs(template, science, cfg)
             result = subtract_with_kernel(template, science, kernel, cfg, fit_flux_scale, sources)
             md = {k: _plain(v) for k, v in jax.device_get(result.metadata).items()}
             if RESULTS(int(md["status"])) != RESULTS.successful:
@@ -198,24 +190,8 @@ class AlardLuptonSubtract(eqx.Module):
         timing = {}
         t0 = time.perf_counter()
         with jax.enable_x64(True), runtime.single_threaded_blas():
-            validate(template, science, cfg)
-            psf_size = psf_size_for(template, science, cfg)
-            t_in, s_in, _ = core_inputs(template, science, None, psf_size=psf_size)
-            found = facts(t_in, s_in)
-            for name in ("template", "science"):
-                if not found[f"{name}_usable"]:
-                    raise ValueError(f"{name} image has no finite pixel with variance > 0")
-                if found[f"{name}_bad_variance"]:
-                    raise ValueError(
-                        f"{name} variance must be finite and >= 0 where the image is finite; "
-                        f"{found[f'{name}_bad_variance']} pixels are not"
-                    )
+            psf_size, t_in, s_in, found = _checked_inputs(template, science, cfg)
             coverage = found["coverage"]
-            if coverage < cfg.required_template_fraction:
-                raise NoWorkFound(
-                    f"template covers {coverage:.1%} of the science image, less than the required "
-                    f"{cfg.required_template_fraction:.1%} (required_template_fraction)"
-                )
             if sources is None:
                 bad = bitmask(science.mask_planes, cfg.exclude_mask_planes)
                 sources = detect_sources(s_in, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
@@ -271,6 +247,29 @@ class AlardLuptonSubtract(eqx.Module):
         metadata.update({f"timing.{k}": v for k, v in timing.items()})
         check_quality(metadata, cfg)
         return _caller_precision(dataclasses.replace(result, metadata=metadata))
+
+
+def _checked_inputs(template: Exposure, science: Exposure, cfg: SubtractConfig):
+    """The eager checks and the one pre-check program (§3): (PSF side, core inputs, facts); raises on misuse, on
+    images without usable pixels or with invalid variances, and `NoWorkFound` below the required coverage."""
+    validate(template, science, cfg)
+    psf_size = psf_size_for(template, science, cfg)
+    t_in, s_in, _ = core_inputs(template, science, None, psf_size=psf_size)
+    found = facts(t_in, s_in)
+    for name in ("template", "science"):
+        if not found[f"{name}_usable"]:
+            raise ValueError(f"{name} image has no finite pixel with variance > 0")
+        if found[f"{name}_bad_variance"]:
+            raise ValueError(
+                f"{name} variance must be finite and >= 0 where the image is finite; "
+                f"{found[f'{name}_bad_variance']} pixels are not"
+            )
+    if found["coverage"] < cfg.required_template_fraction:
+        raise NoWorkFound(
+            f"template covers {found['coverage']:.1%} of the science image, less than the required "
+            f"{cfg.required_template_fraction:.1%} (required_template_fraction)"
+        )
+    return psf_size, t_in, s_in, found
 
 
 def _plain(value):
