@@ -105,7 +105,7 @@ def _worker_jaxdiff(args) -> dict:
         meta = task.run(template, science, sources).metadata
         stages = {k.removeprefix("timing."): v for k, v in meta.items() if k.startswith("timing.")}
     diff = result.difference
-    metadata = {k: float(v) for k, v in jax.device_get(result.metadata).items()}
+    metadata = {k: np.asarray(v).tolist() for k, v in jax.device_get(result.metadata).items()}
     np.savez(
         args.diff,
         image=np.asarray(diff.image),

@@ -206,7 +206,8 @@ def psf_size_for(template: Exposure, science: Exposure, config: SubtractConfig) 
     psfs = (template.psf, science.psf)
     if config.use_preconvolution or any(p is None for p in psfs):
         return None
-    return bucket(max(p.size for p in psfs), PSF_SIZES)
+    size = max(p.size for p in psfs)
+    return size if size > PSF_SIZES[-1] else bucket(size, PSF_SIZES)
 
 
 def canonical_psf(psf: Psf | None, size: int | None) -> Psf | None:

@@ -347,6 +347,10 @@ def test_properties(mode, decorrelate):
     assert d.wcs is w
     assert float(d.photo_calib) == 2.5
     expected_psf = (s if mode == "convolveTemplate" else t).psf.image()
+    # the core pads PSF images to a size bucket (41 here): zero padding, the same PSF
+    pad = (d.psf.image().shape[-1] - expected_psf.shape[-1]) // 2
+    assert pad >= 0
+    expected_psf = np.pad(np.asarray(expected_psf), pad)
     if decorrelate:
         assert float(np.sum(np.asarray(d.psf.image()))) == pytest.approx(1.0, abs=1e-6)
         assert d.psf.image().shape == expected_psf.shape
