@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(LSST_CHECK)
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(LSST_CHECK)
@@ -37,7 +37,7 @@ test-all: $(STAMP)
 # The tests marked slow only (jit/vmap/grad checks of the core, §15 scenarios, Dask, pull test, benchmark smoke run):
 # about 5 minutes on 2 cores; CI runs them after `make test`.
 test-slow: $(STAMP)
-	$(PY) -m pytest -n 2 -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --durations=15 -m slow $(PYTEST_ARGS)
 
 # The oldest supported versions: Python 3.11 and every dependency at its pyproject floor (pins in
 # .ci/oldest-constraints.txt; pip has no lowest-version resolution), then the fast tests. A hung test fails after
@@ -71,7 +71,10 @@ docs-serve: $(STAMP)
 	JAXDIFF_DATA_MIRROR=$(DATA_MIRROR) $(PY) -m mkdocs serve
 
 # The package as users get it: sdist + wheel, `twine check`, then the wheel (not this checkout) in a clean venv
-# runs `jaxdiff demo` and the fast tests from a copy of tests/ outside the source tree.
+# runs `jaxdiff demo` and, from a copy of tests/ outside the source tree, the tests of what installation can break:
+# package data and metadata, the command line, the datasets registry and the LSST pipeline files. (The whole fast
+# suite against the wheel took 613 s in CI and checks the same code `make test` already checked.)
+WHEEL_TESTS ?= tests/test_packaging.py tests/test_cli.py tests/test_datasets.py tests/test_lsst.py
 test-wheel: $(STAMP)
 	rm -rf dist $(WHEEL_TEST)
 	$(PY) -m build --outdir dist .
@@ -82,7 +85,8 @@ test-wheel: $(STAMP)
 	mkdir -p $(WHEEL_TEST)/run && cp -r tests pyproject.toml $(WHEEL_TEST)/run/ && rm -rf $(WHEEL_TEST)/run/tests/__pycache__
 	cd $(WHEEL_TEST)/run && ../venv/bin/jaxdiff demo
 	cd $(WHEEL_TEST)/run && JAXDIFF_WHEEL=$$(ls $(CURDIR)/dist/jaxdiff-*.whl) JAXDIFF_DATA_MIRROR=$(DATA_MIRROR) \
-		../venv/bin/python -m pytest -n 2 -p no:cacheprovider -m "not slow and not notebooks and not docs" $(PYTEST_ARGS)
+		../venv/bin/python -m pytest -n 2 -p no:cacheprovider -m "not slow and not notebooks and not docs" \
+		$(WHEEL_TESTS) $(PYTEST_ARGS)
 
 # Peers (SFFT, OIS) for the side-by-side benchmark; OIS builds a C extension that needs numpy at build time.
 # A failed peer install is reported and the benchmark then marks that peer as skipped.
