@@ -91,7 +91,7 @@ class SubtractConfig:
     kernel_size_buckets: tuple[int, ...] = _field(
         (21, 27, 35),
         None,
-        "Odd kernel sides the FWHM rule rounds up to, so that few programs are compiled (one per size).",
+        "Odd kernel sides the FWHM rule moves to (the nearest; ties up), so that few programs are compiled.",
     )
     orthonormalize_basis: bool = _field(
         True, None, "Orthonormalise the AL basis (same span and kernel, better conditioned normal equations)."

@@ -144,12 +144,24 @@ def clipped_mean_std(
     flat, keep = _subsample(values, good, max_samples)
     med, q25, q75 = _quantiles_flat(flat, keep, jnp.array([0.5, 0.25, 0.75]))
     sigma0 = _IQR_TO_SIGMA * (q75 - q25)
-    sel = keep & (jnp.abs(flat - jnp.where(keep, med, 0.0)) <= nsigma * sigma0)
+    centre = jnp.where(keep, med, 0.0)
+    sel = keep & (jnp.abs(flat - centre) <= _clip_limit(nsigma * sigma0, med, flat.dtype))
     mean, std, n = _mean_std(flat, sel)
     for _ in range(n_iter - 1):
-        sel = keep & (jnp.abs(flat - mean) <= nsigma * std)
+        sel = keep & (jnp.abs(flat - mean) <= _clip_limit(nsigma * std, mean, flat.dtype))
         mean, std, n = _mean_std(flat, sel)
     return mean, std, n
+
+
+def _clip_limit(limit, centre, dtype):
+    """The clipping half-width, at least a few ulp of the centre.
+
+    A nearly constant sample (a flat variance plane) has IQR 0 or a std of a few ulp. XLA may compute the
+    same elementwise expression in two fusions with different rounding (FMA or not), so the values compared
+    with the centre can differ from those that produced it by an ulp; an exact `<= 0` then keeps nothing and
+    the mean is NaN (seen on float64 CPU: a score image's svar).
+    """
+    return jnp.maximum(limit, 16 * jnp.finfo(dtype).eps * jnp.abs(jnp.where(jnp.isfinite(centre), centre, 0.0)))
 
 
 def _bin_centres(n: int, bin_size: int):

@@ -11,20 +11,25 @@ import pytest
 from jax import monitoring
 
 import jaxdiff as jd
-from jaxdiff._plan import bucket, kernel_size_for
+from jaxdiff._plan import bucket, kernel_size_for, nearest_bucket
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
-def test_kernel_size_rounds_up_to_the_next_bucket():
+def test_kernel_size_moves_to_the_nearest_bucket():
     cfg = jd.SubtractConfig(kernel_size_buckets=(21, 27, 35))
     # σ 2.0 → 2.4: ip_diffim's rule gives 21 (the minimum)
     assert kernel_size_for(cfg, (2.0, 2.0), (2.4, 2.4), "convolveTemplate") == 21
-    # σ 2.0 → 2.9: the rule gives 25, rounded up to 27
+    # σ 2.0 → 2.9: the rule gives 25, the nearest bucket is 27
     assert kernel_size_for(cfg, (2.0, 2.0), (2.9, 2.9), "convolveTemplate") == 27
+    # score image, σ 2.4 → 2.4·√2: the rule gives 29 (ALGORITHM's table), the nearest bucket is 27
+    pre = dataclasses.replace(cfg, use_preconvolution=True)
+    assert kernel_size_for(pre, (2.4, 2.4), (2.4, 2.4), "convolveTemplate") == 27
     # σ 1.5 → 3.8: the rule clamps at kernel_size_max
     assert kernel_size_for(cfg, (1.5, 1.5), (3.8, 3.8), "convolveTemplate") == 35
     assert bucket(22, (21, 35)) == 35 and bucket(40, (21, 35)) == 35 and bucket(7, ()) == 7
+    assert nearest_bucket(23, (21, 27, 35)) == 21 and nearest_bucket(31, (21, 27, 35)) == 35
+    assert nearest_bucket(24, (21, 27)) == 27 and nearest_bucket(41, (21, 35)) == 35 and nearest_bucket(7, ()) == 7
 
 
 def test_plan_is_the_same_for_different_widths_and_source_counts():
