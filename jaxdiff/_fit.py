@@ -70,9 +70,14 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
     dtype = data.x_stamp.dtype
     fx, fy, mix, *groups = factors
 
-    C = stamp_designs(data.x_stamp, fx, fy, mix, *groups)
-    Ms, bs = jax.vmap(stamp_normal)(C, data.y_core, data.weight.astype(dtype))
     valid = data.valid
+
+    def designs(x_stamp, y_core, weight):
+        C = stamp_designs(x_stamp, fx, fy, mix, *groups)
+        return (C, *jax.vmap(stamp_normal)(C, y_core, weight))
+
+    # chunks of slots without a star are skipped: the work follows the star count, not the slot count
+    C, Ms, bs = _stamps.over_slots(designs, valid, data.x_stamp, data.y_core, data.weight.astype(dtype))
     if reg is not None:
         Ms = Ms + reg.astype(dtype)
     Ms = jnp.where(valid[:, None, None], Ms, jnp.eye(n + 1, dtype=dtype))
@@ -80,13 +85,13 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
 
     k = basis.shape[-1]
     # reused by every residual test; float32 is plenty for the K² ∗ V_X term that only scales the residuals
-    vx_spec = jax.vmap(lambda v: stamp_spectrum(v.astype(jnp.float32), k))(data.vx_stamp)
+    vx_spec = _stamps.over_slots(jax.vmap(lambda v: stamp_spectrum(v.astype(jnp.float32), k)), valid, data.vx_stamp)
+    one_test = jax.vmap(lambda Cs, yc, vyc, vxs, vsp, g, a: residual_stats(Cs, yc, vyc, vxs, g, a, basis, vsp))
 
     def test(alpha):
-        # all stamps in one vmap: the designs C already hold every stamp, and one wide batch keeps both cores
-        # busy (chunks of 64 under lax.map ran one after the other)
-        return jax.vmap(lambda Cs, yc, vyc, vxs, vsp, g, a: residual_stats(Cs, yc, vyc, vxs, g, a, basis, vsp))(
-            C, data.y_core, data.vy_core, data.vx_stamp, vx_spec, data.good_core, alpha
+        # slots of a skipped chunk get NaN statistics: they fail every test (and are invalid anyway)
+        return _stamps.over_slots(
+            one_test, valid, C, data.y_core, data.vy_core, data.vx_stamp, vx_spec, data.good_core, alpha, fill=jnp.nan
         )
 
     def passes(stats):

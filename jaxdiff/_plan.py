@@ -8,9 +8,11 @@ chosen from small fixed sets:
 - the kernel side `k`: the size ip_diffim would use (6 × the largest basis width, clamped to
   [kernel_size_min, kernel_size_max]) moved to the nearest of `config.kernel_size_buckets` (ties go up);
 - the source capacity: source lists are padded to a multiple of `SOURCE_CAPACITY` (1024, above LSST's
-  1000 kernel stars), and the fit's stamp slots are the next of `SLOT_SIZES` (128, 256, 512, 1024) above the
-  number of valid sources (capped by `max_kernel_sources`): each slot costs the fit work whether or not it
-  holds a star, so the slots follow the star count in four steps;
+  1000 kernel stars), and the fit has that many stamp slots (capped by `max_kernel_sources`, rounded up to a
+  multiple of 128). The fit runs over the slots in chunks of 128 and skips chunks without a star
+  (`stamps.over_slots`), so its cost follows the star count while the star count is not a shape. Under
+  `vmap` the skipped chunks run anyway, so a plan for a batch (`make_plan` on stacked pairs,
+  `batch.plan_for_pairs`) takes only the next of `SLOT_SIZES` (128, 256, 512, 1024) above the valid count;
 - the PSF image side: image PSFs are zero-padded to the next of `PSF_SIZES` (the moments, the detection filter
   and the decorrelated difference PSF do not change under zero padding).
 """
@@ -49,7 +51,7 @@ class Plan:
     Attributes:
         mode: "convolveTemplate", "convolveScience", or "auto" (decided inside the program from the PSF widths).
         k: kernel side (odd), one of `config.kernel_size_buckets` (or `config.kernel_size`).
-        n_slots: stamp slots of the fit, one of `SLOT_SIZES` (or a multiple of 1024).
+        n_slots: stamp slots of the fit: a multiple of 128 (`stamps.CHUNK`), 1024 with the default config.
         capacity: length the source list is padded to.
         psf_size: side image PSFs are padded to (None: PSFs are used as given).
         fit_region: "stamps" or "image" (the kernel fitted on the whole overlap, `_image_fit`).
@@ -260,6 +262,7 @@ def make_plan(
     config = SubtractConfig() if config is None else config
     check_mode(config.mode)
     psf_size = psf_size_for(template, science, config)
+    batched = science.image.ndim == 3
     widths = None
     if _needs_widths(config) and template.psf is not None and science.psf is not None:
         psfs = [p for p in (template.psf, science.psf) if p is not None]
@@ -269,13 +272,13 @@ def make_plan(
                 "size depends on the PSF widths and cannot be chosen from traced values. Build the plan outside "
                 "the transformation with jd.make_plan(template, science, sources, config) and pass plan=..."
             )
-        batched = science.image.ndim == 3
         t_psf, s_psf = (_canonical(e.psf, psf_size, batched) for e in (template, science))
         wt, ws = jax.device_get(_batch_widths(t_psf, s_psf, batched))
         widths = (_checked_widths(wt, t_psf, "template"), _checked_widths(ws, s_psf, "science"))
     n = 0 if sources is None else int(np.shape(sources.x)[-1])
     plan = plan_from(science.shape, n, config, widths, psf_size)
-    if sources is not None and is_concrete(sources.valid):  # traced sources keep the slots of the capacity
+    if batched and sources is not None and is_concrete(sources.valid):
+        # under vmap the skipped chunks of slots run anyway (lax.cond becomes a select): fewer slots for a batch
         plan = with_slots_for(plan, int(np.max(np.sum(np.asarray(sources.valid), axis=-1), initial=0)))
     return plan
 

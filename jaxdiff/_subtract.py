@@ -382,7 +382,9 @@ def select_stamps(prep: Prepared, sources: Sources, config: SubtractConfig, plan
     vy_core = jnp.where(finite & jnp.isfinite(vy_stamp), vy_stamp, 1.0).astype(sdt)[core_sl]
     if cfg.constant_variance_weighting:
         total = (vx_stamp + jnp.where(finite, vy_stamp, 1.0)).reshape(len(index), -1)
-        med = jax.vmap(lambda v: quantile_masked(v, jnp.ones(v.shape, bool), 0.5))(total)
+        med = _stamps.over_slots(
+            jax.vmap(lambda v: quantile_masked(v, jnp.ones(v.shape, bool), 0.5)), slot_valid, total, fill=1.0
+        )
         weight = jnp.where(med > 0, 1.0 / jnp.where(med > 0, med, 1.0), 1.0)
     else:
         weight = 1.0 / (vx_stamp[core_sl] + vy_core)

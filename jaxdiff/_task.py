@@ -16,7 +16,7 @@ from ._exposure import Exposure
 from ._finalize import finalize as _finalize
 from ._kernel import SpatialKernel
 from ._mask import bitmask
-from ._plan import facts, plan_from, psf_size_for, with_slots_for
+from ._plan import facts, plan_from, psf_size_for
 from ._psf import FWHM_PER_SIGMA, as_psf
 from ._quality import check_quality, psf_widths, quality_figures
 from ._result import SubtractResult
@@ -197,7 +197,7 @@ class AlardLuptonSubtract(eqx.Module):
                 sources = detect_sources(s_in, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
             n_valid = sources.n_valid
             widths = ([found["template_widths"]], [found["science_widths"]])
-            plan = with_slots_for(plan_from(science.shape, len(sources), cfg, widths, psf_size), n_valid)
+            plan = plan_from(science.shape, len(sources), cfg, widths, psf_size)
             if n_valid == 0 and plan.fit_region == "stamps":
                 raise _fit_failure(InsufficientKernelSourcesError(0, cfg.min_kernel_sources), coverage, cfg)
             timing["checks"] = time.perf_counter() - t0

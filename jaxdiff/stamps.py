@@ -78,3 +78,38 @@ def cell_rank(cx, cy, priority, eligible, size_cell: int) -> Int[Array, " n"]:
     same = (cell_x[:, None] == cell_x[None, :]) & (cell_y[:, None] == cell_y[None, :])
     before = priority[None, :] < priority[:, None]
     return jnp.sum(same & before & eligible[None, :], axis=1)
+
+
+CHUNK = 128  # stamp slots per chunk of `over_slots`
+
+
+def over_slots(fn, valid: Bool[Array, " N"], *slots, fill=0.0):
+    """`fn(*slots)` for N stamp slots, chunk by chunk, skipping chunks that hold no valid slot.
+
+    The slot count N is a fixed shape (the plan's), but the work follows the number of stars: a chunk of
+    `CHUNK` slots without a valid one returns `fill` instead of running `fn` (`lax.cond` skips the branch on
+    CPU and GPU; under `vmap` both branches run, as for a plain vmap). `fn` maps leading-axis-n arrays to a
+    pytree of leading-axis-n arrays, for any n.
+
+    Arguments:
+        fn: the per-slot computation, vectorised over the leading axis.
+        valid: (N,) bool, the slots that hold a stamp.
+        *slots: arrays with leading axis N.
+        fill: value of the outputs of skipped chunks.
+    """
+    n = valid.shape[0]
+    if n <= CHUNK or n % CHUNK:
+        return fn(*slots)
+    n_chunks = n // CHUNK
+    shapes = jax.eval_shape(fn, *(a[:CHUNK] for a in slots))
+
+    def skipped():
+        return jax.tree.map(lambda s: jnp.full(s.shape, fill, s.dtype), shapes)
+
+    def one(chunk):
+        v, args = chunk
+        return lax.cond(jnp.any(v), lambda: fn(*args), skipped)
+
+    split = [a.reshape((n_chunks, CHUNK) + a.shape[1:]) for a in slots]
+    out = lax.map(one, (valid.reshape(n_chunks, CHUNK), split))
+    return jax.tree.map(lambda o: o.reshape((n,) + o.shape[2:]), out)

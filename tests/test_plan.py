@@ -7,11 +7,15 @@ import textwrap
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import monitoring
+from numpy.testing import assert_allclose
 
 import jaxdiff as jd
-from jaxdiff._plan import bucket, kernel_size_for, nearest_bucket
+from jaxdiff._plan import bucket, kernel_size_for, nearest_bucket, with_slots_for
+from jaxdiff.stamps import CHUNK, over_slots
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -33,15 +37,44 @@ def test_kernel_size_moves_to_the_nearest_bucket():
 
 
 def test_plan_is_the_same_for_different_widths_and_source_counts():
-    """New PSF widths within a kernel-size bucket and new source counts: one plan, except for the stamp slots,
-    which follow the number of valid sources in four steps."""
+    """New PSF widths within a kernel-size bucket and new source counts: one plan (the fit skips the chunks of
+    stamp slots without a star instead of the slots following the star count); a plan for a batch, whose
+    skipped chunks would run under vmap, takes only the slots its pairs need."""
     plans = []
     for i, (st, ss, n) in enumerate([(2.0, 2.3, 50), (1.9, 2.1, 120), (2.2, 2.6, 300), (2.4, 2.5, 999)]):
         pair = jd.sim.simulate_pair((128, 128), seed=i, n_stars=n, template_sigma=st, science_sigma=ss)
         plans.append(jd.make_plan(pair.template, pair.science, pair.sources, jd.SubtractConfig()))
-    assert len({dataclasses.replace(p, n_slots=0) for p in plans}) == 1
-    assert [p.n_slots for p in plans] == [128, 128, 512, 1024]
-    assert plans[0].capacity == 1024 and plans[0].k == 21 and plans[0].psf_size == 41
+    assert len(set(plans)) == 1
+    assert plans[0].n_slots == 1024 and plans[0].capacity == 1024 and plans[0].k == 21 and plans[0].psf_size == 41
+    assert [with_slots_for(plans[0], n).n_slots for n in (50, 120, 300, 999)] == [128, 128, 512, 1024]
+    assert (
+        jd.make_plan(pair.template, pair.science, pair.sources, jd.SubtractConfig(max_kernel_sources=100)).n_slots
+        == 128
+    )
+
+
+def test_over_slots_skips_chunks_without_a_star_and_equals_vmap(rng):
+    x = jnp.asarray(rng.normal(size=(512, 3)))
+    valid = jnp.zeros(512, bool).at[5].set(True).at[300].set(True)  # chunks 0 and 2 of 4 hold a star
+    calls = []
+
+    def fn(a):
+        calls.append(a.shape)
+        return {"sum": a.sum(axis=1), "sq": a**2}
+
+    out = jax.jit(lambda a, v: over_slots(fn, v, a, fill=jnp.nan))(x, valid)
+    chunk = np.arange(512) // CHUNK
+    used = np.isin(chunk, (0, 2))
+    assert_allclose(np.asarray(out["sum"])[used], np.asarray(x.sum(axis=1))[used])
+    assert np.all(np.isnan(np.asarray(out["sum"])[~used])) and np.all(np.isnan(np.asarray(out["sq"])[~used]))
+    assert calls == [(CHUNK, 3), (CHUNK, 3)]  # traced once for the shapes, once for the branch
+    # under vmap (a batch) the chunks of each pair are decided per pair, as separate calls would
+    both = jax.vmap(lambda a, v: over_slots(fn, v, a, fill=0.0))(jnp.stack([x, x]), jnp.stack([valid, ~valid]))
+    assert_allclose(np.asarray(both["sum"][0])[used], np.asarray(x.sum(axis=1))[used])
+    assert_allclose(np.asarray(both["sum"][1]), np.asarray(x.sum(axis=1)))
+    # gradients flow through the computed chunks only
+    g = jax.grad(lambda a: jnp.nansum(over_slots(fn, valid, a, fill=jnp.nan)["sum"]))(x)
+    assert_allclose(np.asarray(g), np.where(used[:, None], 1.0, 0.0) * np.ones((1, 3)))
 
 
 def test_auto_mode_is_decided_inside_the_program():
