@@ -35,13 +35,13 @@ test-all: $(STAMP)
 	$(PY) -m pytest -n 2 -m "" $(PYTEST_ARGS)
 
 # The tests marked slow only (jit/vmap/grad checks of the core, §15 scenarios, Dask, pull test, benchmark smoke run):
-# about 5 minutes on 2 cores; CI runs them after `make test`.
+# about 12 minutes on 2 cores; too long for CI's budget, so run them (or `make test-all`) before a release.
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 -m slow $(PYTEST_ARGS)
 
 # The oldest supported versions: Python 3.11 and every dependency at its pyproject floor (pins in
 # .ci/oldest-constraints.txt; pip has no lowest-version resolution), then the fast tests. A hung test fails after
-# 300 s (pytest-timeout). The notebooks (they need the dask extra) are left to `make test`. CI runs it last.
+# 300 s (pytest-timeout). The notebooks (they need the dask extra) are left to `make test`. Not in CI yet.
 OLDEST_PYTHON ?= 3.11
 OLDEST_VENV ?= .venv-oldest
 OLDEST_BOOT := $(shell for c in $$(ls -d $$(pyenv root 2>/dev/null)/versions/$(OLDEST_PYTHON).*/bin/python$(OLDEST_PYTHON) \
