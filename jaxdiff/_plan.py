@@ -32,7 +32,6 @@ from ._image_fit import resolve_fit_region
 from ._mask import bitmask
 from ._psf import GaussianPsf, GridPsf, ImagePsf, Psf
 from ._sources import Sources, capacity_for
-from ._stats import usable
 from ._types import is_concrete
 
 SLOT_SIZES = (128, 256, 512, 1024)  # stamp slots of the fit, then multiples of 1024
@@ -65,33 +64,27 @@ class Plan:
     fit_region: str = "stamps"
 
 
-@eqx.filter_jit
-def _facts(template: Exposure, science: Exposure):
-    """One compiled call for what the shell needs before the core: PSF widths (σx, σy) of both images
-    (NaN without a PSF), template coverage (§3), whether each image has a usable pixel and how many pixels
-    have an invalid variance."""
-    return dict(
-        template_widths=_widths(template.psf, False),
-        science_widths=_widths(science.psf, False),
-        coverage=coverage(template, science),
-        template_usable=jnp.any(usable(template.image, template.variance)),
-        science_usable=jnp.any(usable(science.image, science.variance)),
-        template_bad_variance=_bad_variance(template),
-        science_bad_variance=_bad_variance(science),
-    )
-
-
-def _bad_variance(e: Exposure):
-    """Pixels with a finite image value but a non-finite or negative variance."""
-    return jnp.sum(jnp.isfinite(e.image) & ~(jnp.isfinite(e.variance) & (e.variance >= 0)))
-
-
 def facts(template: Exposure, science: Exposure) -> dict:
-    """`_facts` fetched to the host in one transfer: Python floats and bools, widths as (σx, σy) or None."""
-    out = jax.device_get(_facts(template, science))
-    res = {k: v.item() for k, v in out.items() if np.ndim(v) == 0}
+    """What the shell checks before the core, computed on the host (numpy): no compiled program per image size.
+
+    Returns Python values: PSF widths (σx, σy) of both images (None without a PSF), template coverage (§3),
+    whether each image has a usable pixel and how many pixels have an invalid variance.
+    """
+    t_psf, s_psf = template.psf, science.psf
+    res = {}
+    if t_psf is not None or s_psf is not None:
+        wt, ws = jax.device_get(_batch_widths(t_psf, s_psf, False))
+        for name, w, psf in (("template", wt, t_psf), ("science", ws, s_psf)):
+            res[f"{name}_widths"] = _checked_widths(w, psf, name)[0]
+    else:
+        res.update(template_widths=None, science_widths=None)
+    res["coverage"] = float(coverage(template, science, np))
     for name, e in (("template", template), ("science", science)):
-        res[f"{name}_widths"] = _checked_widths(out[f"{name}_widths"], e.psf, name)[0]
+        image, variance = np.asarray(e.image), np.asarray(e.variance)
+        finite = np.isfinite(image)
+        good_var = np.isfinite(variance) & (variance >= 0)
+        res[f"{name}_usable"] = bool(np.any(finite & good_var & (variance > 0)))
+        res[f"{name}_bad_variance"] = int(np.count_nonzero(finite & ~good_var))
     return res
 
 
@@ -113,23 +106,25 @@ def _checked_widths(w, psf, name: str) -> list:
     return [(float(a), float(b)) for a, b in w]
 
 
-def coverage(template: Exposure, science: Exposure):
+def coverage(template: Exposure, science: Exposure, xp=jnp):
     """Fraction of science pixels with data in both images: NO_DATA set in neither mask (ALGORITHM §3).
 
-    Template pixels outside the template's array count as lacking data. Traceable: xy0 may be traced.
+    Template pixels outside the template's array count as lacking data. With `xp=jnp` traceable (xy0 may be
+    traced); with `xp=np` computed on the host (the task's pre-check).
     """
     ny, nx = science.shape
     nd_t = bitmask(template.mask_planes, ["NO_DATA"])
     nd_s = bitmask(science.mask_planes, ["NO_DATA"])
-    dy = science.xy0[1] - template.xy0[1]
-    dx = science.xy0[0] - template.xy0[0]
-    rows = jnp.arange(ny) + dy
-    cols = jnp.arange(nx) + dx
+    s_xy0, t_xy0 = (np.asarray(e.xy0) if xp is np else e.xy0 for e in (science, template))
+    dy = s_xy0[1] - t_xy0[1]
+    dx = s_xy0[0] - t_xy0[0]
+    rows = xp.arange(ny) + dy
+    cols = xp.arange(nx) + dx
     ty, tx = template.shape
     inside = ((rows >= 0) & (rows < ty))[:, None] & ((cols >= 0) & (cols < tx))[None, :]
-    t_mask = template.mask[jnp.clip(rows, 0, ty - 1)][:, jnp.clip(cols, 0, tx - 1)]
-    lacks = ~inside | ((t_mask & nd_t) != 0) | ((science.mask & nd_s) != 0)
-    return 1.0 - jnp.mean(lacks.astype(jnp.float32))
+    t_mask = xp.asarray(template.mask)[xp.clip(rows, 0, ty - 1)][:, xp.clip(cols, 0, tx - 1)]
+    lacks = ~inside | ((t_mask & nd_t) != 0) | ((xp.asarray(science.mask) & nd_s) != 0)
+    return 1.0 - xp.mean(lacks.astype(xp.float32))
 
 
 def resolve_mode(mode: str, w_template, w_science) -> str:

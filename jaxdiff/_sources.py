@@ -76,6 +76,18 @@ class Sources(eqx.Module):
         x, y, flux, valid = (xp.asarray(a) for a in (self.x, self.y, self.flux, self.valid))
         return Sources(xp.pad(x, width), xp.pad(y, width), xp.pad(flux, width), xp.pad(valid, width))
 
+    def astype(self, dtype) -> "Sources":
+        """The list with positions and fluxes in `dtype` (on the host when concrete); itself when they are.
+
+        The compiled core is specialised on these dtypes, so callers bring lists to one dtype first: a
+        float32 list and a float64 one would otherwise compile two programs for the same pair size.
+        """
+        dtype = np.dtype(dtype)
+        if self.x.dtype == dtype and self.flux.dtype == dtype:
+            return self
+        xp = np if is_concrete(self) else jnp
+        return Sources(*(xp.asarray(a).astype(dtype) for a in (self.x, self.y, self.flux)), self.valid)
+
     @property
     def n_valid(self) -> int:
         return int(np.sum(np.asarray(self.valid)))

@@ -92,8 +92,11 @@ def core_inputs(template: Exposure, science: Exposure, sources: Sources | None, 
             psf = eqx.filter_vmap(pad)(psf) if e.image.ndim == 3 else pad(psf)
         return dataclasses.replace(e, wcs=None, psf=psf)
 
-    if sources is not None and capacity is not None:
-        sources = sources.padded(capacity)
+    if sources is not None:
+        # one dtype for positions (float64 under x64): given and detected lists then share the program
+        sources = sources.astype(jax.dtypes.canonicalize_dtype(np.float64))
+        if capacity is not None:
+            sources = sources.padded(capacity)
     return strip(template), strip(science), sources
 
 

@@ -250,7 +250,7 @@ class AlardLuptonSubtract(eqx.Module):
 
 
 def _checked_inputs(template: Exposure, science: Exposure, cfg: SubtractConfig):
-    """The eager checks and the one pre-check program (§3): (PSF side, core inputs, facts); raises on misuse, on
+    """The eager checks and the host pre-checks (§3): (PSF side, core inputs, facts); raises on misuse, on
     images without usable pixels or with invalid variances, and `NoWorkFound` below the required coverage."""
     validate(template, science, cfg)
     psf_size = psf_size_for(template, science, cfg)
