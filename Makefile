@@ -2,16 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Prefer a working Python 3.12 (the LSST middleware needs it), else python3.
+# Prefer a working Python 3.12 (jaxdiff needs >= 3.12), else python3.
 BOOT_PY := $(shell for c in $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12.*/bin/python3.12 2>/dev/null) python3.12 python3; do \
 	if $$c --version >/dev/null 2>&1; then echo $$c; break; fi; done)
 PYTEST_ARGS ?=
-# The `lsst` extra (LSST middleware, tests/test_lsst.py) needs Python >= 3.12; elsewhere those tests skip.
-LSST_EXTRA := $(shell $$(test -x $(PY) && echo $(PY) || echo $(BOOT_PY)) -c \
-	'import sys; print(",lsst" if sys.version_info >= (3, 12) else "")' 2>/dev/null)
-LSST_CHECK = @$(PY) -c 'import sys; sys.version_info >= (3, 12) or print("*** LSST integration tests will be \
-skipped: no Python 3.12 (the venv has %d.%d); make clean && make test with a Python 3.12 on PATH or pyenv ***" \
-% sys.version_info[:2])'
 
 .PHONY: env demo test test-all test-slow test-oldest test-wheel docs docs-serve bench lint format clean
 
@@ -20,18 +14,16 @@ env: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(BOOT_PY) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dask,bench,docs,release$(LSST_EXTRA)]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,dask,bench,docs,release,lsst]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/jaxdiff demo
 
 test: $(STAMP)
-	$(LSST_CHECK)
 	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 test-all: $(STAMP)
-	$(LSST_CHECK)
 	$(PY) -m pytest -n 2 -m "" $(PYTEST_ARGS)
 
 # The tests marked slow only (jit/vmap/grad checks of the core, §15 scenarios, Dask, pull test, benchmark smoke run):
@@ -39,10 +31,10 @@ test-all: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 -m slow $(PYTEST_ARGS)
 
-# The oldest supported versions: Python 3.11 and every dependency at its pyproject floor (pins in
+# The oldest supported versions: Python 3.12 and every dependency at its pyproject floor (pins in
 # .ci/oldest-constraints.txt; pip has no lowest-version resolution), then the fast tests. A hung test fails after
 # 300 s (pytest-timeout). The notebooks (they need the dask extra) are left to `make test`. Not in CI yet.
-OLDEST_PYTHON ?= 3.11
+OLDEST_PYTHON ?= 3.12
 OLDEST_VENV ?= .venv-oldest
 OLDEST_BOOT := $(shell for c in $$(ls -d $$(pyenv root 2>/dev/null)/versions/$(OLDEST_PYTHON).*/bin/python$(OLDEST_PYTHON) \
 	2>/dev/null) python$(OLDEST_PYTHON); do if $$c --version >/dev/null 2>&1; then echo $$c; break; fi; done)
@@ -81,7 +73,7 @@ test-wheel: $(STAMP)
 	$(PY) -m twine check --strict dist/*
 	$(BOOT_PY) -m venv $(WHEEL_TEST)/venv
 	$(WHEEL_TEST)/venv/bin/python -m pip install -q --disable-pip-version-check \
-		"$$(ls dist/jaxdiff-*.whl)[test$(LSST_EXTRA)]"
+		"$$(ls dist/jaxdiff-*.whl)[test,lsst]"
 	mkdir -p $(WHEEL_TEST)/run && cp -r tests pyproject.toml $(WHEEL_TEST)/run/ && rm -rf $(WHEEL_TEST)/run/tests/__pycache__
 	cd $(WHEEL_TEST)/run && ../venv/bin/jaxdiff demo
 	cd $(WHEEL_TEST)/run && JAXDIFF_WHEEL=$$(ls $(CURDIR)/dist/jaxdiff-*.whl) JAXDIFF_DATA_MIRROR=$(DATA_MIRROR) \

@@ -7,11 +7,6 @@ import sys
 import numpy as np
 import pytest
 
-if sys.version_info < (3, 12):
-    pytest.skip(
-        "LSST middleware needs Python >= 3.12 (this is {}.{}): jaxdiff.lsst tests skipped".format(*sys.version_info),
-        allow_module_level=True,
-    )
 try:
     import lsst.images  # noqa: F401
     import lsst.pipe.base  # noqa: F401

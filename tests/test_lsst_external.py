@@ -1,13 +1,9 @@
 """jaxdiff.lsst: external calibrations (finalizedPsfApCorrCatalog) and the quality figures, in process and
 through a butler (skipped without `jaxdiff[lsst]`)."""
 
-import sys
-
 import numpy as np
 import pytest
 
-if sys.version_info < (3, 12):
-    pytest.skip("LSST middleware needs Python >= 3.12", allow_module_level=True)
 try:
     import lsst.images  # noqa: F401
     import lsst.pipe.base  # noqa: F401

@@ -1,5 +1,5 @@
 """The versions we claim are the versions we test: pyproject's lower bounds equal the pins of
-`.ci/oldest-constraints.txt`, which `make test-oldest` installs (with Python 3.11) and CI runs."""
+`.ci/oldest-constraints.txt`, which `make test-oldest` installs (with Python 3.12) and CI runs."""
 
 import os
 import re
@@ -51,13 +51,13 @@ def test_every_floor_is_pinned():
 
 def test_oldest_python_is_the_declared_one():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert project["requires-python"] == ">=3.11"
+    assert project["requires-python"] == ">=3.12"
     makefile = (REPO / "Makefile").read_text()
-    assert re.search(r"OLDEST_PYTHON \?= 3\.11\b", makefile)
+    assert re.search(r"OLDEST_PYTHON \?= 3\.12\b", makefile)
 
 
 @pytest.mark.skipif(os.environ.get("JAXDIFF_OLDEST") != "1", reason="only in `make test-oldest`'s environment")
 def test_installed_versions_are_the_floors():
-    assert sys.version_info[:2] == (3, 11)
+    assert sys.version_info[:2] == (3, 12)
     for name, pin in _pins().items():
         assert Version(metadata.version(name)) == pin, f"{name} {metadata.version(name)} installed, pinned {pin}"
