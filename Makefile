@@ -33,7 +33,8 @@ test-slow: $(STAMP)
 
 # The oldest supported versions: Python 3.12 and every dependency at its pyproject floor (pins in
 # .ci/oldest-constraints.txt; pip has no lowest-version resolution), then the fast tests. A hung test fails after
-# 300 s (pytest-timeout). The notebooks (they need the dask extra) are left to `make test`. Not in CI yet.
+# 300 s (pytest-timeout, thread method: a worker blocked inside XLA never returns to Python for a signal).
+# The notebooks (they need the dask extra) are left to `make test`. Not in CI yet.
 OLDEST_PYTHON ?= 3.12
 OLDEST_VENV ?= .venv-oldest
 OLDEST_BOOT := $(shell for c in $$(ls -d $$(pyenv root 2>/dev/null)/versions/$(OLDEST_PYTHON).*/bin/python$(OLDEST_PYTHON) \
@@ -47,7 +48,7 @@ $(OLDEST_VENV)/.installed: pyproject.toml .ci/oldest-constraints.txt
 	@touch $@
 
 test-oldest: $(OLDEST_VENV)/.installed
-	JAXDIFF_OLDEST=1 $(OLDEST_VENV)/bin/python -m pytest -n 2 --timeout 300 -m "not slow and not notebooks" $(PYTEST_ARGS)
+	JAXDIFF_OLDEST=1 JAXDIFF_CACHE_DIR=$(CURDIR)/.pytest_cache/jaxdiff-xla-oldest $(OLDEST_VENV)/bin/python -m pytest -n 2 --timeout 300 --timeout-method thread -m "not slow and not notebooks" $(PYTEST_ARGS)
 
 # The public real pairs mirrored beside the clone, when present: jaxdiff.datasets then reads them in place instead of
 # downloading them (CI has the mirror; elsewhere the docs build downloads them once into the cache).

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - threadpoolctl is a dependency; stay us
 
 CACHE_ENV = "JAXDIFF_CACHE_DIR"
 CACHE_MAX_BYTES = 4 * 2**30
+MIN_COMPILE_SECONDS = 0.1
 _OFF = ("", "0", "off", "none", "false", "no")
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _entered = False
@@ -61,7 +62,9 @@ def enable_persistent_cache() -> str | None:
     except OSError:  # a read-only home: run without the cache rather than fail
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # programs that compile in under MIN_COMPILE_SECONDS (eager operations, small helpers) are not stored: each
+    # write of the size-limited cache scans the whole directory, and they cost no more to compile than to read
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     with contextlib.suppress(AttributeError, KeyError, RuntimeError):
         jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)  # LRU + file lock
