@@ -277,9 +277,9 @@ def variance_factor(
     return jnp.where(enough, factor, 1.0), ratio_estimate, level_estimate, n_good
 
 
-def usable(image: Image, variance: Image) -> Bool[Array, "ny nx"]:
-    """Pixels with a finite image value and a finite, positive variance."""
-    return jnp.isfinite(image) & jnp.isfinite(variance) & (variance > 0)
+def usable(image: Image, variance: Image, xp=jnp) -> Bool[Array, "ny nx"]:
+    """Pixels with a finite image value and a finite, positive variance (`xp=np`: on the host, with numpy)."""
+    return xp.isfinite(image) & xp.isfinite(variance) & (variance > 0)
 
 
 def standard_good(image: Image, variance: Image, mask: MaskImage, planes_table: PlaneTable) -> Bool[Array, "ny nx"]:
