@@ -34,7 +34,7 @@ test-slow: $(STAMP)
 # The oldest supported versions: Python 3.12 and every dependency at its pyproject floor (pins in
 # .ci/oldest-constraints.txt; pip has no lowest-version resolution), then the fast tests. A hung test fails after
 # 300 s (pytest-timeout, thread method: a worker blocked inside XLA never returns to Python for a signal).
-# The notebooks (they need the dask extra) are left to `make test`. Not in CI yet.
+# The notebooks (they need the dask extra) are left to `make test`. CI runs it after `make test`.
 OLDEST_PYTHON ?= 3.12
 OLDEST_VENV ?= .venv-oldest
 OLDEST_BOOT := $(shell for c in $$(ls -d $$(pyenv root 2>/dev/null)/versions/$(OLDEST_PYTHON).*/bin/python$(OLDEST_PYTHON) \
