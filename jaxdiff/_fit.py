@@ -120,40 +120,36 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
         M, b = global_normal(Ms_sg, bs_sg, lax.stop_gradient(U), active.astype(dtype), rows, cols)
         return symmetric_solve(M, b)
 
-    def cond(state):
-        rejected, it, passes_done, done, n_k, n_s = state
-        return ~done & (passes_done < N + cfg.max_spatial_iterations + 1)
+    # Kernel-sum clipping (cheap, on the stamps' sums) runs to convergence before every spatial test (a global
+    # solve and a residual test of every stamp): a rejection can promote a replacement star into its cell, so
+    # the two alternate. Under `vmap` the outer loop runs until the slowest pair is done, but the costly spatial
+    # step runs once per outer pass, not once per clipping pass as a `lax.cond` inside one loop would.
+    def clip_ksum(rejected, n_k):
+        def body(state):
+            rejected, n_k, _ = state
+            active = active_set(rejected)
+            mu, sigma, _ = clipped_mean_std(ksum_sg, active)
+            clip = active & (jnp.abs(ksum_sg - mu) > cfg.max_ksum_sigma * sigma)
+            return rejected | clip, n_k + jnp.sum(clip, dtype=jnp.int32), jnp.any(clip)
 
-    def body(state):
-        rejected, it, passes_done, done, n_k, n_s = state
+        rejected, n_k, _ = lax.while_loop(lambda state: state[2], body, (rejected, n_k, jnp.array(True)))
+        return rejected, n_k
+
+    def spatial_pass(state):
+        rejected, it, _, n_k, n_s = state
+        rejected, n_k = clip_ksum(rejected, n_k)
         active = active_set(rejected)
-        mu, sigma, _ = clipped_mean_std(ksum_sg, active)
-        clip = active & (jnp.abs(ksum_sg - mu) > cfg.max_ksum_sigma * sigma)
-        any_clip = jnp.any(clip)
-
-        def after_clip(_):
-            return (
-                rejected | clip,
-                it,
-                passes_done + 1,
-                ~jnp.any(active & ~clip),
-                n_k + jnp.sum(clip, dtype=jnp.int32),
-                n_s,
-            )
-
-        def spatial(_):
-            theta = solve_sg(active)
-            alphas = stamp_alphas(theta, lax.stop_gradient(U), rows, cols)
-            bad = active & ~passes(lax.stop_gradient(test(alphas)))
-            it1 = it + jnp.any(bad).astype(jnp.int32)
-            finished = ~jnp.any(bad) | (it1 >= cfg.max_spatial_iterations)
-            return rejected | bad, it1, passes_done + 1, finished, n_k, n_s + jnp.sum(bad, dtype=jnp.int32)
-
-        return lax.cond(any_clip, after_clip, spatial, None)
+        theta = solve_sg(active)
+        alphas = stamp_alphas(theta, lax.stop_gradient(U), rows, cols)
+        bad = active & ~passes(lax.stop_gradient(test(alphas)))
+        it1 = it + jnp.any(bad).astype(jnp.int32)
+        # no active star left: nothing to test (clipping empties the set only when every star is rejected)
+        finished = ~jnp.any(bad) | (it1 >= cfg.max_spatial_iterations) | ~jnp.any(active)
+        return rejected | bad, it1, finished, n_k, n_s + jnp.sum(bad, dtype=jnp.int32)
 
     zero = jnp.array(0, jnp.int32)
-    init = (~valid, zero, zero, jnp.array(False), zero, zero)
-    rejected, n_iter, _, _, n_k, n_s = lax.while_loop(cond, body, init)
+    init = (~valid, zero, jnp.array(False), zero, zero)
+    rejected, n_iter, _, n_k, n_s = lax.while_loop(lambda state: ~state[2], spatial_pass, init)
     active = lax.stop_gradient(active_set(rejected))
 
     M, b = global_normal(Ms, bs, U, active.astype(dtype), rows, cols)

@@ -86,7 +86,7 @@ def plan_for_pairs(pairs: Sequence[tuple[Exposure, Exposure, Sources]], config: 
     """One plan that serves every pair: the largest kernel size, source capacity and PSF side any pair needs, and
     stamp slots for the largest number of valid sources (see `jd.make_plan`)."""
     if len(pairs) == 0:
-        raise ValueError("run_many needs at least one (template, science, sources) pair, got none")
+        raise ValueError("a batch needs at least one (template, science, sources) pair, got none")
     plans = [make_plan(t, s, src, config) for t, s, src in pairs]
     sizes = [p.psf_size for p in plans]
     plan = dataclasses.replace(
@@ -97,6 +97,36 @@ def plan_for_pairs(pairs: Sequence[tuple[Exposure, Exposure, Sources]], config: 
         psf_size=None if None in sizes else max(sizes),
     )
     return with_slots_for(plan, max(src.n_valid for _, _, src in pairs))
+
+
+def stack_pairs(
+    pairs: Sequence[tuple[Exposure, Exposure, Sources]], config: SubtractConfig | None = None, plan: Plan | None = None
+) -> tuple[tuple[Exposure, Exposure, Sources], Plan]:
+    """Stack (template, science, sources) triples with different PSFs and source counts into one batch.
+
+    Every pair is brought to one layout first (sources padded to the plan's capacity, image PSFs to its PSF
+    side), which `stack` alone cannot do when the PSF images or source lists differ in size.
+
+    Arguments:
+        pairs: triples of one image shape and mask-plane table.
+        config: a `SubtractConfig` (default: LSST's defaults); used for the plan only.
+        plan: the plan to stack for (default: `plan_for_pairs(pairs, config)`, which serves every pair).
+
+    Returns:
+        `((templates, sciences, sources), plan)`: the stacked batch, ready for `subtract_batch(*batch, config,
+        plan)` (or a `jax.jit`/`jax.vmap` of your own), and the plan it was stacked for.
+    """
+    config = SubtractConfig() if config is None else config
+    pairs = list(pairs)
+    plan = plan_for_pairs(pairs, config) if plan is None else plan
+    prepared = _prepared(pairs, plan)
+    return tuple(stack([p[j] for p in prepared]) for j in range(3)), plan
+
+
+def _prepared(pairs: list, plan: Plan) -> list:
+    prepared = [core_inputs(t, s, src, psf_size=plan.psf_size, capacity=plan.capacity) for t, s, src in pairs]
+    _check_layout(prepared)
+    return prepared
 
 
 def _check_layout(prepared) -> None:
@@ -143,8 +173,7 @@ def run_many(
     pairs = list(pairs)
     config = SubtractConfig() if config is None else config
     plan = plan_for_pairs(pairs, config)
-    prepared = [core_inputs(t, s, src, psf_size=plan.psf_size, capacity=plan.capacity) for t, s, src in pairs]
-    _check_layout(prepared)
+    prepared = _prepared(pairs, plan)
     n_dev = jax.device_count()
     size = _PER_DEVICE * n_dev if batch_size is None else int(batch_size)
     if size < 1:

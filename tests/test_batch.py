@@ -6,7 +6,7 @@ import pytest
 from utils import assert_allclose
 
 import jaxdiff as jd
-from jaxdiff.batch import dask_map, run_many, stack, subtract_batch
+from jaxdiff.batch import dask_map, run_many, stack, stack_pairs, subtract_batch
 
 SHAPE = (96, 96)
 CONFIG = jd.SubtractConfig(do_decorrelation=False)
@@ -43,6 +43,32 @@ def test_subtract_batch_equals_separate_calls(serial):
         _same_difference(jax.tree.map(lambda x, i=i: x[i], out.difference), diffs[i])
         assert int(out.metadata["status"][i]) == int(metas[i]["status"])
         assert_allclose(out.metadata["kernel_sum"][i], metas[i]["kernel_sum"], rtol=1e-10)
+
+
+def test_stack_pairs_takes_different_psfs_and_source_counts():
+    """`stack` alone cannot stack PSF images or source lists of different sizes; `stack_pairs` pads them to one
+    plan, and the batch equals single calls."""
+    pairs = [
+        jd.sim.reference_pair(
+            (128, 128),
+            n_stars=n,
+            seed=60 + i,
+            flux_range=(3000, 8000),
+            template_sigma=st,
+            science_sigma=ss,
+            template_border=4,
+        )
+        for i, (st, ss, n) in enumerate([(1.2, 1.6, 30), (1.4, 1.9, 45)])
+    ]
+    triples = [(p.template, p.science, p.sources) for p in pairs]
+    assert len(pairs[0].sources.x) != len(pairs[1].sources.x)
+    batch, plan = stack_pairs(triples, CONFIG)
+    assert batch[2].x.shape == (2, plan.capacity)
+    out = subtract_batch(*batch, CONFIG, plan)
+    for i, (t, s, src) in enumerate(triples):
+        single = jd.subtract(t, s, src, CONFIG)
+        _same_difference(jax.tree.map(lambda x, i=i: x[i], out.difference), jax.device_get(single.difference), 1e-6)
+        assert int(out.metadata["status"][i]) == int(single.metadata["status"]) == 0
 
 
 def test_run_many_with_progress_equals_serial_loop(serial, capsys):
