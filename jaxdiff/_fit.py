@@ -51,7 +51,7 @@ class FitResult(eqx.Module):
     stamp_kernel_sums: Array
 
 
-def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitResult:
+def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name: str | None = None) -> FitResult:
     """Fit the spatial kernel and background from stamps.
 
     Arguments:
@@ -62,6 +62,7 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
         cfg: `SubtractConfig` (static numbers: cell size, stars per cell, thresholds, iterations).
         reg: optional (n + 1, n + 1) penalty added to every per-stamp normal matrix (delta-function
             regularisation, ALGORITHM §5.3).
+        axis_name: the vmap axis name when the fit runs for a batch (see `stamps.over_slots`).
     """
     n = basis.shape[0]
     P = data.p.shape[-1]
@@ -77,7 +78,9 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
         return (C, *jax.vmap(stamp_normal)(C, y_core, weight))
 
     # chunks of slots without a star are skipped: the work follows the star count, not the slot count
-    C, Ms, bs = _stamps.over_slots(designs, valid, data.x_stamp, data.y_core, data.weight.astype(dtype))
+    C, Ms, bs = _stamps.over_slots(
+        designs, valid, data.x_stamp, data.y_core, data.weight.astype(dtype), axis_name=axis_name
+    )
     if reg is not None:
         Ms = Ms + reg.astype(dtype)
     Ms = jnp.where(valid[:, None, None], Ms, jnp.eye(n + 1, dtype=dtype))
@@ -85,13 +88,25 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None) -> FitRes
 
     k = basis.shape[-1]
     # reused by every residual test; float32 is plenty for the K² ∗ V_X term that only scales the residuals
-    vx_spec = _stamps.over_slots(jax.vmap(lambda v: stamp_spectrum(v.astype(jnp.float32), k)), valid, data.vx_stamp)
+    vx_spec = _stamps.over_slots(
+        jax.vmap(lambda v: stamp_spectrum(v.astype(jnp.float32), k)), valid, data.vx_stamp, axis_name=axis_name
+    )
     one_test = jax.vmap(lambda Cs, yc, vyc, vxs, vsp, g, a: residual_stats(Cs, yc, vyc, vxs, g, a, basis, vsp))
 
     def test(alpha):
         # slots of a skipped chunk get NaN statistics: they fail every test (and are invalid anyway)
         return _stamps.over_slots(
-            one_test, valid, C, data.y_core, data.vy_core, data.vx_stamp, vx_spec, data.good_core, alpha, fill=jnp.nan
+            one_test,
+            valid,
+            C,
+            data.y_core,
+            data.vy_core,
+            data.vx_stamp,
+            vx_spec,
+            data.good_core,
+            alpha,
+            fill=jnp.nan,
+            axis_name=axis_name,
         )
 
     def passes(stats):

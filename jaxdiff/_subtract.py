@@ -139,8 +139,19 @@ def restore_wcs(result: SubtractResult, wcs) -> SubtractResult:
     )
 
 
-def core(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan):
-    """The traceable subtraction for a fixed plan (not jitted: `subtract` jits it; batches vmap it)."""
+def core(
+    template: Exposure,
+    science: Exposure,
+    sources: Sources,
+    config: SubtractConfig,
+    plan: Plan,
+    axis_name: str | None = None,
+):
+    """The traceable subtraction for a fixed plan (not jitted: `subtract` jits it; batches vmap it).
+
+    `axis_name`: the vmap axis name of a batch; the stamp work then skips what no pair of the batch needs
+    (`stamps.over_slots`) instead of running both sides of every branch for every pair.
+    """
     with jax.named_scope("prepare"):
         prep = prepare(template, science, config, plan, sources)
     if plan.fit_region == "image":
@@ -148,9 +159,9 @@ def core(template: Exposure, science: Exposure, sources: Sources, config: Subtra
             sel, fitted = select_fit_image(prep, config, plan)
     else:
         with jax.named_scope("select"):
-            sel = select_stamps(prep, sources, config, plan)
+            sel = select_stamps(prep, sources, config, plan, axis_name)
         with jax.named_scope("fit"):
-            fitted = fit(sel, prep.box, config)
+            fitted = fit(sel, prep.box, config, axis_name)
     with jax.named_scope("difference"):
         return difference(prep, sel, fitted, config, plan)
 
@@ -311,7 +322,9 @@ class Selection(NamedTuple):
     n_stamps: jax.Array
 
 
-def select_stamps(prep: Prepared, sources: Sources, config: SubtractConfig, plan: Plan) -> Selection:
+def select_stamps(
+    prep: Prepared, sources: Sources, config: SubtractConfig, plan: Plan, axis_name: str | None = None
+) -> Selection:
     """Kernel basis and stamp selection (ALGORITHM §5, §6)."""
     cfg = config
     k = plan.k
@@ -362,7 +375,7 @@ def select_stamps(prep: Prepared, sources: Sources, config: SubtractConfig, plan
     # sources without a flux are ranked by their measured S/N (only computed when one lacks a flux)
     missing = jnp.any(sources.valid & ~jnp.isfinite(sources.flux))
     snr = lax.cond(
-        missing,
+        _stamps.batch_any(missing, axis_name),
         lambda: _snr(science.image, prep.var_s, cy, cx, k).astype(sources.flux.dtype),
         lambda: jnp.zeros_like(sources.flux),
     )
@@ -386,7 +399,11 @@ def select_stamps(prep: Prepared, sources: Sources, config: SubtractConfig, plan
     if cfg.constant_variance_weighting:
         total = (vx_stamp + jnp.where(finite, vy_stamp, 1.0)).reshape(len(index), -1)
         med = _stamps.over_slots(
-            jax.vmap(lambda v: quantile_masked(v, jnp.ones(v.shape, bool), 0.5)), slot_valid, total, fill=1.0
+            jax.vmap(lambda v: quantile_masked(v, jnp.ones(v.shape, bool), 0.5)),
+            slot_valid,
+            total,
+            fill=1.0,
+            axis_name=axis_name,
         )
         weight = jnp.where(med > 0, 1.0 / jnp.where(med > 0, med, 1.0), 1.0)
     else:
@@ -435,12 +452,12 @@ def select_fit_image(prep: Prepared, config: SubtractConfig, plan: Plan) -> tupl
     return sel, Fitted(r.fit, r.kernel, r.bg_coeffs, r.extra)
 
 
-def fit(sel: Selection, box, config: SubtractConfig) -> Fitted:
+def fit(sel: Selection, box, config: SubtractConfig, axis_name: str | None = None) -> Fitted:
     """Per-stamp fits, rejection loop and the global spatial solve (ALGORITHM §7, §8)."""
     cfg = config
     n = sel.basis_images.shape[0]
     P = spatial.n_terms(cfg.spatial_kernel_order)
-    result = fit_kernel(sel.data, sel.basis_images, sel.factors, cfg.solver, cfg, sel.reg)
+    result = fit_kernel(sel.data, sel.basis_images, sel.factors, cfg.solver, cfg, sel.reg, axis_name)
     theta = result.theta
     coeffs = (
         jnp.zeros((n, P), theta.dtype)

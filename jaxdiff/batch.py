@@ -52,7 +52,11 @@ def unstack(tree, n: int) -> list:
 
 @eqx.filter_jit
 def _batched_core(templates: Exposure, sciences: Exposure, sources: Sources, config: SubtractConfig, plan: Plan):
-    return eqx.filter_vmap(core, in_axes=(0, 0, 0, None, None))(templates, sciences, sources, config, plan)
+    # the named axis lets the stamp work skip what no pair of the batch needs (see `stamps.over_slots`)
+    batched = eqx.filter_vmap(
+        lambda t, s, src: core(t, s, src, config, plan, _AXIS), in_axes=(0, 0, 0), axis_name=_AXIS
+    )
+    return batched(templates, sciences, sources)
 
 
 def subtract_batch(

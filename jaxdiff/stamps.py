@@ -83,19 +83,34 @@ def cell_rank(cx, cy, priority, eligible, size_cell: int) -> Int[Array, " n"]:
 CHUNK = 128  # stamp slots per chunk of `over_slots`
 
 
-def over_slots(fn, valid: Bool[Array, " N"], *slots, fill=0.0):
+def batch_any(pred: Bool[Array, ""], axis_name: str | None) -> Bool[Array, ""]:
+    """`pred` of one pair, or, inside a batch vmapped with `axis_name`, whether it holds for any pair of the batch.
+
+    A predicate shared by the whole batch is not batched, so a `lax.cond` on it stays a branch under `vmap`
+    (a batched predicate turns it into a select that runs both branches for every pair).
+    """
+    if axis_name is None:
+        return pred
+    return lax.psum(pred.astype(jnp.int32), axis_name) > 0
+
+
+def over_slots(fn, valid: Bool[Array, " N"], *slots, fill=0.0, axis_name: str | None = None):
     """`fn(*slots)` for N stamp slots, chunk by chunk, skipping chunks that hold no valid slot.
 
     The slot count N is a fixed shape (the plan's), but the work follows the number of stars: a chunk of
     `CHUNK` slots without a valid one returns `fill` instead of running `fn` (`lax.cond` skips the branch on
-    CPU and GPU; under `vmap` both branches run, as for a plain vmap). `fn` maps leading-axis-n arrays to a
-    pytree of leading-axis-n arrays, for any n.
+    CPU and GPU). Under a plain `vmap` both branches run; a batch that names its vmap axis (`axis_name`) skips a
+    chunk where no pair of the batch has a valid slot (slots are packed valid first, so the chunks beyond the
+    batch's largest star count), and a pair's own empty chunks inside that range compute and are then replaced
+    by `fill`, as a single call would give. `fn` maps leading-axis-n arrays to a pytree of leading-axis-n
+    arrays, for any n.
 
     Arguments:
         fn: the per-slot computation, vectorised over the leading axis.
         valid: (N,) bool, the slots that hold a stamp.
         *slots: arrays with leading axis N.
         fill: value of the outputs of skipped chunks.
+        axis_name: the vmap axis name of a batch (None: one pair, or a vmap without a name).
     """
     n = valid.shape[0]
     if n <= CHUNK or n % CHUNK:
@@ -108,7 +123,11 @@ def over_slots(fn, valid: Bool[Array, " N"], *slots, fill=0.0):
 
     def one(chunk):
         v, args = chunk
-        return lax.cond(jnp.any(v), lambda: fn(*args), skipped)
+        mine = jnp.any(v)
+        out = lax.cond(batch_any(mine, axis_name), lambda: fn(*args), skipped)
+        if axis_name is None:
+            return out
+        return jax.tree.map(lambda o: jnp.where(mine, o, jnp.asarray(fill, o.dtype)), out)
 
     split = [a.reshape((n_chunks, CHUNK) + a.shape[1:]) for a in slots]
     out = lax.map(one, (valid.reshape(n_chunks, CHUNK), split))
