@@ -1,14 +1,14 @@
 """Batched subtraction on one device: per-pair time, compile time, device memory and quality by batch size.
 
-Each size gets `--distinct` simulated pairs with different PSFs (template σ 1.6–2.4 px, science 10–30 % wider)
-and star counts (200–600); a batch of B pairs cycles through them. One plan serves all pairs
-(`jd.batch.stack_pairs`). For every (size, B) `jd.batch.subtract_batch` is compiled ahead of time (compile seconds
-and XLA's memory analysis: arguments + outputs + temporaries, per pair), then run `--repeats` times
-(median wall time per pair). Quality of pair 0 (noise and star-residual ratios against the simulation truth)
-and its largest deviation from a single `jd.subtract` call, in units of the difference's noise, are recorded
-once per size. With `--singles`, each distinct pair is also run through `jd.subtract` on its own (warm, its own
-plan) and every batch row gets `per_pair_vs_single`, its per-pair time over the single calls' mean. Every
-result is appended to the JSON as soon as it is measured, so a run stopped early keeps what it finished.
+Each size gets `--distinct` simulated pairs with different PSFs (template σ 1.6–2.4 px, science 10–30 % wider) and
+star counts (200–600); a batch of B pairs cycles through them. One plan serves all pairs (`jd.batch.plan_for_pairs`;
+batches are stacked with `jd.batch.stack_pairs`). For every (size, B) `jd.batch.subtract_batch` is compiled ahead of
+time (compile seconds and XLA's memory analysis: arguments + outputs + temporaries, per pair), then run `--repeats`
+times (median wall time per pair). Quality of pair 0 (noise and star-residual ratios against the simulation truth) and
+its largest deviation from a single `jd.subtract` call, in units of the difference's noise, are recorded once per
+size. With `--singles`, each distinct pair is also run through `jd.subtract` on its own (warm, its own plan) and every
+batch row gets `per_pair_vs_single`, its per-pair time over the single calls' mean. Every result is appended to the
+JSON as soon as it is measured, so a run stopped early keeps what it finished.
 
     python benchmarks/batch.py --sizes 2048 4096 --batch-sizes 1 4 8 16 --output results/batch-gpu.json
     python benchmarks/batch.py --sizes 256 --batch-sizes 1 2 --distinct 2    # smoke run on CPU
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     jax.config.update("jax_enable_x64", True)
 
     import jaxdiff as jd
-    from jaxdiff.batch import stack_pairs, subtract_batch
+    from jaxdiff.batch import plan_for_pairs, stack_pairs, subtract_batch
 
     batched_jit = jax.jit(subtract_batch, static_argnames=("config", "plan"))
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
             )
             pairs.append((p.template, p.science, p.sources))
             truths.append(p.truth)
-        _, plan = stack_pairs(pairs, config)
+        plan = plan_for_pairs(pairs, config)
         print(f"[batch] {size}²: plan {plan}", file=sys.stderr, flush=True)
         single = None
         if args.singles:

@@ -54,6 +54,20 @@ def test_plan_is_the_same_for_different_widths_and_source_counts():
     )
 
 
+def _eqns(jaxpr, name: str) -> list:
+    """The equations named `name` in a jaxpr and in every jaxpr nested in its equations' parameters."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == name:
+            found.append(eqn)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _eqns(inner, name)
+    return found
+
+
 def test_over_slots_skips_chunks_without_a_star_and_equals_vmap(rng):
     x = jnp.asarray(rng.normal(size=(512, 3)))
     valid = jnp.zeros(512, bool).at[5].set(True).at[300].set(True)  # chunks 0 and 2 of 4 hold a star
@@ -73,6 +87,19 @@ def test_over_slots_skips_chunks_without_a_star_and_equals_vmap(rng):
     both = jax.vmap(lambda a, v: over_slots(fn, v, a, fill=0.0))(jnp.stack([x, x]), jnp.stack([valid, ~valid]))
     assert_allclose(np.asarray(both["sum"][0])[used], np.asarray(x.sum(axis=1))[used])
     assert_allclose(np.asarray(both["sum"][1]), np.asarray(x.sum(axis=1)))
+    # a batch with a named axis: a pair's own empty chunks still get the fill (as a single call gives them), and
+    # a chunk no pair needs is a real branch, not a select (the predicate is shared, so the cond is not batched)
+    few = jnp.zeros(512, bool).at[5].set(True)  # chunk 0 only; the batch together needs chunks 0 and 2
+    named = lambda a, v: over_slots(fn, v, a, fill=jnp.nan, axis_name="pairs")
+    pairs = (jnp.stack([x, x]), jnp.stack([valid, few]))
+    batched = jax.vmap(named, axis_name="pairs")(*pairs)
+    for i, v in enumerate((valid, few)):
+        single = jax.jit(lambda a, v: over_slots(fn, v, a, fill=jnp.nan))(x, v)
+        np.testing.assert_array_equal(np.asarray(batched["sum"][i]), np.asarray(single["sum"]))
+    conds = _eqns(jax.make_jaxpr(jax.vmap(named, axis_name="pairs"))(*pairs).jaxpr, "cond")
+    assert conds and all(c.invars[0].aval.shape == () for c in conds)
+    plain = _eqns(jax.make_jaxpr(jax.vmap(lambda a, v: over_slots(fn, v, a, fill=0.0)))(*pairs).jaxpr, "cond")
+    assert not plain  # the unnamed vmap turns its cond into a select over both branches
     # gradients flow through the computed chunks only
     g = jax.grad(lambda a: jnp.nansum(over_slots(fn, valid, a, fill=jnp.nan)["sum"]))(x)
     assert_allclose(np.asarray(g), np.where(used[:, None], 1.0, 0.0) * np.ones((1, 3)))
