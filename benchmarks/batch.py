@@ -45,6 +45,29 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
+def distinct_pairs(size: int, n: int, rng) -> tuple[list, list]:
+    """`n` simulated pairs of one size with different PSFs (template σ 1.6–2.4 px, science 10–30 % wider) and star
+    counts (200–600): ([(template, science, sources)], [truth])."""
+    import jaxdiff as jd
+
+    pairs, truths = [], []
+    for _ in range(n):
+        st = float(rng.uniform(1.6, 2.4))
+        p = jd.sim.simulate_pair(
+            (size, size),
+            seed=int(rng.integers(1 << 30)),
+            n_stars=int(rng.integers(200, 601)),
+            template_sigma=st,
+            science_sigma=st * float(rng.uniform(1.1, 1.3)),
+            sigma_variation=0.1,
+            sky_gradient=0.1,
+            n_transients=20,
+        )
+        pairs.append((p.template, p.science, p.sources))
+        truths.append(p.truth)
+    return pairs, truths
+
+
 def _single_calls(jd, pairs, config, repeats: int) -> dict:
     """Warm `jd.subtract` calls on each pair (its own plan, as a user calls it): the median over `repeats` per
     pair after one call that compiles, averaged over the pairs."""
@@ -91,21 +114,7 @@ def main(argv=None) -> int:
     config = jd.SubtractConfig(**CONFIG)
     rng = np.random.default_rng(args.seed)
     for size in args.sizes:
-        pairs, truths = [], []
-        for _ in range(args.distinct):
-            st = float(rng.uniform(1.6, 2.4))
-            p = jd.sim.simulate_pair(
-                (size, size),
-                seed=int(rng.integers(1 << 30)),
-                n_stars=int(rng.integers(200, 601)),
-                template_sigma=st,
-                science_sigma=st * float(rng.uniform(1.1, 1.3)),
-                sigma_variation=0.1,
-                sky_gradient=0.1,
-                n_transients=20,
-            )
-            pairs.append((p.template, p.science, p.sources))
-            truths.append(p.truth)
+        pairs, truths = distinct_pairs(size, args.distinct, rng)
         plan = plan_for_pairs(pairs, config)
         print(f"[batch] {size}²: plan {plan}", file=sys.stderr, flush=True)
         single = None

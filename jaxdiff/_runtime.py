@@ -7,6 +7,8 @@ never by the pure functions.
   `~/.cache/jaxdiff/xla`; `JAXDIFF_CACHE_DIR=off` (or `0`, `none`, empty) disables it, and a cache directory
   the caller already gave JAX (`jax_compilation_cache_dir`) is left alone. A size limit turns on JAX's
   file-locked LRU cache, so concurrent processes can share the directory.
+- **Exported programs** (`_programs`) in the same directory: a fresh process runs a core program it has run
+  before without tracing and lowering it again (the persistent cache alone needs both to find the program).
 - **One BLAS thread while jaxdiff runs on CPU.** jaxlib runs its LAPACK calls (QR, Cholesky, eigh) through the
   OpenBLAS of numpy/scipy, whose worker threads then spin on the cores XLA's own thread pool is using; jaxdiff's
   LAPACK calls are on matrices of a few hundred rows, where extra BLAS threads buy nothing.
@@ -22,6 +24,8 @@ from pathlib import Path
 
 import jax
 from jax import monitoring
+
+from . import _programs
 
 try:
     from threadpoolctl import threadpool_limits
@@ -81,6 +85,7 @@ def enter() -> None:
         return
     _entered = True
     enable_persistent_cache()
+    _programs.enable(cache_dir())
     monitoring.register_event_duration_secs_listener(_trim_after_compile)
 
 

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import _programs, spatial
 from . import basis as _basis
 from . import convolve as _convolve
-from . import spatial
 from . import stamps as _stamps
 from ._background import BackgroundModel
 from ._config import SubtractConfig
@@ -78,7 +78,10 @@ def subtract(
         )
     plan = make_plan(template, science, sources, config) if plan is None else plan
     inputs = core_inputs(template, science, sources, psf_size=plan.psf_size, capacity=plan.capacity)
-    return restore_wcs(_core(*inputs, config, plan), science.wcs)
+    result = _programs.call("core", core, inputs, config, plan)  # None unless an entry point turned it on
+    if result is None:
+        result = _core(*inputs, config, plan)
+    return restore_wcs(result, science.wcs)
 
 
 def core_inputs(template: Exposure, science: Exposure, sources: Sources | None, *, psf_size, capacity=None):

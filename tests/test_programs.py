@@ -1,0 +1,149 @@
+"""The store of exported programs: a fresh process runs a program it has run before without tracing it again."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+import jaxdiff as jd
+from jaxdiff import _programs
+from jaxdiff._subtract import _core, core, core_inputs
+
+
+@pytest.fixture
+def store(tmp_path):
+    """The store in a fresh directory, restored afterwards to what the worker had (an entry point may have set it)."""
+    previous = _programs.directory()
+    _programs.enable(tmp_path / "programs")
+    yield tmp_path / "programs"
+    _programs.enable(previous)
+
+
+def _files(directory):
+    return sorted(directory.glob(f"*{_programs.SUFFIX}"))
+
+
+def test_a_stored_program_gives_the_traced_result_and_is_read_back_without_tracing(store, monkeypatch):
+    pair = jd.sim.simulate_pair((128, 128), seed=4, n_stars=40)
+    config = jd.SubtractConfig(do_subtract_background=True)
+    plan = jd.make_plan(pair.template, pair.science, pair.sources, config)
+    inputs = core_inputs(pair.template, pair.science, pair.sources, psf_size=plan.psf_size, capacity=plan.capacity)
+    traced = _core(*inputs, config, plan)
+
+    stored = jd.subtract(pair.template, pair.science, pair.sources, config)
+    assert len(_files(store)) == 1
+    for name in ("image", "variance", "mask"):
+        np.testing.assert_array_equal(getattr(stored.difference, name), getattr(traced.difference, name))
+    assert stored.metadata.keys() == traced.metadata.keys()
+    for key, value in traced.metadata.items():
+        np.testing.assert_array_equal(stored.metadata[key], value, err_msg=key)
+    assert stored.difference.mask_planes == traced.difference.mask_planes
+
+    # as a new process finds it: nothing in memory, and exporting (tracing) would fail
+    _programs.enable(store)
+
+    def no_export(*args):
+        raise AssertionError("traced although the program is stored")
+
+    monkeypatch.setattr(_programs, "_export", no_export)
+    again = jd.subtract(pair.template, pair.science, pair.sources, config)
+    np.testing.assert_array_equal(again.difference.image, traced.difference.image)
+
+    # a damaged file is ignored (and rewritten once exporting is possible again)
+    _files(store)[0].write_bytes(b"not a program")
+    _programs.enable(store)
+    assert _programs.call("core", core, inputs, config, plan) is None  # the export fails → the traced path
+    monkeypatch.undo()
+    _programs.enable(store)
+    rewritten = _programs.call("core", core, inputs, config, plan)
+    np.testing.assert_array_equal(rewritten.difference.image, traced.difference.image)
+    assert _files(store)[0].read_bytes() != b"not a program"
+
+
+def test_the_store_stays_out_of_transformations_and_disable_jit(store):
+    pair = jd.sim.simulate_pair((64, 64), seed=1, n_stars=10)
+    config = jd.SubtractConfig()
+    plan = jd.make_plan(pair.template, pair.science, pair.sources, config)
+    inputs = core_inputs(pair.template, pair.science, pair.sources, psf_size=plan.psf_size, capacity=plan.capacity)
+    seen = []
+
+    @jax.jit
+    def under_jit(image):
+        traced_inputs = (eqx.tree_at(lambda e: e.image, inputs[0], image), *inputs[1:])
+        seen.append(_programs.call("core", core, traced_inputs, config, plan))
+        return image.sum()
+
+    under_jit(inputs[0].image)
+    assert seen == [None]
+    with jax.disable_jit():
+        assert _programs.call("core", core, inputs, config, plan) is None
+    _programs.enable(None)
+    assert _programs.call("core", core, inputs, config, plan) is None
+    assert not store.exists() or not _files(store)
+
+
+def test_a_static_value_without_a_stable_repr_gets_no_key():
+    class Opaque:
+        pass
+
+    assert _programs._key("core", (np.zeros(3),), (Opaque(),)) is None
+    assert _programs._key("core", (np.zeros(3),), (jd.SubtractConfig(),)) is not None
+    # the key follows shapes, dtypes and static values
+    keys = {
+        _programs._key("core", (np.zeros(3),), (jd.SubtractConfig(),)),
+        _programs._key("core", (np.zeros(4),), (jd.SubtractConfig(),)),
+        _programs._key("core", (np.zeros(3, np.float32),), (jd.SubtractConfig(),)),
+        _programs._key("core", (np.zeros(3),), (jd.SubtractConfig(do_decorrelation=False),)),
+        _programs._key("other", (np.zeros(3),), (jd.SubtractConfig(),)),
+    }
+    assert len(keys) == 5
+
+
+def test_prune_keeps_the_most_recently_used(store, monkeypatch):
+    monkeypatch.setattr(_programs, "MAX_FILES", 3)
+    store.mkdir(parents=True)
+    for i in range(5):
+        path = store / f"{i}{_programs.SUFFIX}"
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    (store / "other-cache").write_bytes(b"XLA's")
+    _programs._prune()
+    assert [p.name for p in _files(store)] == [f"{i}{_programs.SUFFIX}" for i in (2, 3, 4)]
+    assert (store / "other-cache").exists()
+
+
+def test_a_second_process_runs_the_stored_program_without_tracing(tmp_path):
+    """Two processes run the task on one pair: the second one never traces the core (the store serves it) and gets
+    the first one's result bit for bit."""
+    script = textwrap.dedent(
+        """
+        import hashlib
+        import numpy as np
+        import jaxdiff as jd
+        from jaxdiff import _subtract
+        traces = []
+        original = _subtract.core
+        def counted(*args, **kwargs):
+            traces.append(1)
+            return original(*args, **kwargs)
+        _subtract.core = counted
+        pair = jd.sim.simulate_pair((128, 128), seed=7, n_stars=40)
+        result = jd.AlardLuptonSubtract().run(pair.template, pair.science, pair.sources)
+        digest = hashlib.sha256(np.ascontiguousarray(result.difference.image).tobytes()).hexdigest()
+        print(len(traces), digest)
+        """
+    )
+    env = {**os.environ, "JAXDIFF_CACHE_DIR": str(tmp_path / "cache")}
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        traces, digest = out.stdout.split()[-2:]
+        runs.append((int(traces), digest))
+    assert runs[0][0] >= 1 and runs[1][0] == 0, runs
+    assert runs[0][1] == runs[1][1]
+    assert len(_files(tmp_path / "cache")) == 1
