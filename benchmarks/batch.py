@@ -8,7 +8,8 @@ times (median wall time per pair). Quality of pair 0 (noise and star-residual ra
 its largest deviation from a single `jd.subtract` call, in units of the difference's noise, are recorded once per
 size. With `--singles`, each distinct pair is also run through `jd.subtract` on its own (warm, its own plan) and every
 batch row gets `per_pair_vs_single`, its per-pair time over the single calls' mean. Every result is appended to the
-JSON as soon as it is measured, so a run stopped early keeps what it finished.
+JSON as soon as it is measured, so a run stopped early keeps what it finished. BLAS runs on one thread (as in the
+task and `run_many`; on CPU its worker threads otherwise spin on the cores XLA uses).
 
     python benchmarks/batch.py --sizes 2048 4096 --batch-sizes 1 4 8 16 --output results/batch-gpu.json
     python benchmarks/batch.py --sizes 256 --batch-sizes 1 2 --distinct 2    # smoke run on CPU
@@ -88,7 +89,14 @@ def _single_calls(jd, pairs, config, repeats: int) -> dict:
 
 
 def main(argv=None) -> int:
-    args = _parse(argv)
+    from threadpoolctl import threadpool_limits
+
+    # BLAS (jaxlib's LAPACK calls) on one thread, as the task and run_many run: both sides measured alike
+    with threadpool_limits(1, user_api="blas"):
+        return _main(_parse(argv))
+
+
+def _main(args) -> int:
     import jax
 
     jax.config.update("jax_enable_x64", True)

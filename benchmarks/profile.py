@@ -83,7 +83,8 @@ def stages(hlo: str) -> dict[str, str]:
     for line in hlo.splitlines():
         m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]*)\"", line)
         if m:
-            found = [s for s in STAGES if f"/{s}/" in f"/{m.group(2)}/"]
+            path = f"/{m.group(2)}/"
+            found = [s for s in STAGES if f"/{s}/" in path or f"/vmap({s})/" in path]  # vmap wraps the scope
             out[m.group(1)] = found[0] if found else "(other)"
     return out
 
