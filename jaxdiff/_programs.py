@@ -9,7 +9,7 @@ structure of its outputs, under a key made of everything that decides the progra
 - the function, the configuration and the plan (their reprs);
 - the structure of the inputs (the pytree definition with its static fields) and each leaf's shape and dtype;
 - the jaxdiff source (a hash of the package's files), the jax and jaxlib versions, the backend and its device
-  kind, the x64 flag and `XLA_FLAGS`.
+  kind, the x64 flag and the other JAX settings that change a traced program, and `XLA_FLAGS`.
 
 A process that finds a program deserializes it and calls it; that call's compilation then reads the persistent
 compilation cache. Results are those of the traced program (a test compares them). The store is used only by
@@ -37,6 +37,14 @@ FORMAT = 1
 SUFFIX = ".jaxdiff-program"
 MAX_FILES = 256
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# JAX settings that change what a traced program computes
+_CONFIG_IN_KEY = (
+    "jax_enable_x64",
+    "jax_default_matmul_precision",
+    "jax_numpy_dtype_promotion",
+    "jax_numpy_rank_promotion",
+    "jax_default_prng_impl",
+)
 
 _directory: Path | None = None
 _loaded: dict = {}  # key -> (jitted call of the exported program, output template)
@@ -91,7 +99,7 @@ def _key(name: str, inputs, static) -> str | None:
     text = repr(
         (
             _environment(),
-            bool(jax.config.jax_enable_x64),
+            [getattr(jax.config, name, None) for name in _CONFIG_IN_KEY],
             os.environ.get("XLA_FLAGS", ""),
             name,
             static,
