@@ -45,9 +45,11 @@ def test_subtract_batch_equals_separate_calls(serial):
         assert_allclose(out.metadata["kernel_sum"][i], metas[i]["kernel_sum"], rtol=1e-10)
 
 
-def test_stack_pairs_takes_different_psfs_and_source_counts():
+@pytest.mark.parametrize("sequential", [True, False], ids=["loop", "vmap"])
+def test_stack_pairs_takes_different_psfs_and_source_counts(sequential, monkeypatch):
     """`stack` alone cannot stack PSF images or source lists of different sizes; `stack_pairs` pads them to one
-    plan, and the batch equals single calls."""
+    plan, and the batch equals single calls, run as a loop (one CPU device) or vmapped (accelerators)."""
+    monkeypatch.setattr(jd.batch, "_sequential", lambda: sequential)
     pairs = [
         jd.sim.reference_pair(
             (128, 128),
