@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from . import _programs
 from . import _runtime as runtime
 from ._config import SubtractConfig
 from ._errors import RESULTS
@@ -60,8 +61,7 @@ def _sequential() -> bool:
     return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
-@eqx.filter_jit
-def _batched_core(
+def _batched(
     templates: Exposure,
     sciences: Exposure,
     sources: Sources,
@@ -85,6 +85,17 @@ def _batched_core(
         lambda t, s, src: core(t, s, src, config, plan, _AXIS), in_axes=(0, 0, 0), axis_name=_AXIS
     )
     return batched(templates, sciences, sources)
+
+
+_batched_core = eqx.filter_jit(_batched)
+
+
+def _run_batch(batch: tuple, config: SubtractConfig, plan: Plan):
+    """The batched core on a stacked batch; on one CPU device through the store of exported programs, so that a
+    fresh process (a Dask worker) does not trace it again (see `jaxdiff._programs`)."""
+    sequential = _sequential()
+    result = _programs.call("batch", _batched, batch, config, plan, sequential) if sequential else None
+    return _batched_core(*batch, config, plan, sequential) if result is None else result
 
 
 def subtract_batch(
@@ -224,7 +235,7 @@ def run_many(
             batch = tuple(stack([p[j] for p in padded]) for j in range(3))
             batch = jax.device_put(batch, sharding)
             with runtime.single_threaded_blas():
-                out = jax.device_get(_batched_core(*batch, config, plan, _sequential()))
+                out = jax.device_get(_run_batch(batch, config, plan))
             for (_, science, _), result in zip(pairs[start : start + size], unstack(out, len(chunk)), strict=True):
                 results.append(restore_wcs(result, science.wcs))
             bar.update(len(chunk))

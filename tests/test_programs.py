@@ -120,24 +120,28 @@ def test_prune_keeps_the_most_recently_used(store, monkeypatch):
 
 
 def test_a_second_process_runs_the_stored_program_without_tracing(tmp_path):
-    """Two processes run the task on one pair: the second one never traces the core (the store serves it) and gets
-    the first one's result bit for bit."""
+    """Two processes run the task on one pair and `run_many` on two: the second process never traces the core (the
+    store serves the single and the batched program) and gets the first one's results bit for bit."""
     script = textwrap.dedent(
         """
         import hashlib
         import numpy as np
         import jaxdiff as jd
-        from jaxdiff import _subtract
+        from jaxdiff import _subtract, batch
         traces = []
         original = _subtract.core
         def counted(*args, **kwargs):
             traces.append(1)
             return original(*args, **kwargs)
-        _subtract.core = counted
+        _subtract.core = batch.core = counted
         pair = jd.sim.simulate_pair((128, 128), seed=7, n_stars=40)
         result = jd.AlardLuptonSubtract().run(pair.template, pair.science, pair.sources)
-        digest = hashlib.sha256(np.ascontiguousarray(result.difference.image).tobytes()).hexdigest()
-        print(len(traces), digest)
+        other = jd.sim.simulate_pair((128, 128), seed=8, n_stars=50)
+        many = batch.run_many([(p.template, p.science, p.sources) for p in (pair, other)], progress=False)
+        digest = hashlib.sha256()
+        for image in (result.difference.image, many[0].difference.image, many[1].difference.image):
+            digest.update(np.ascontiguousarray(image).tobytes())
+        print(len(traces), digest.hexdigest())
         """
     )
     env = {**os.environ, "JAXDIFF_CACHE_DIR": str(tmp_path / "cache")}
@@ -148,4 +152,4 @@ def test_a_second_process_runs_the_stored_program_without_tracing(tmp_path):
         runs.append((int(traces), digest))
     assert runs[0][0] >= 1 and runs[1][0] == 0, runs
     assert runs[0][1] == runs[1][1]
-    assert len(_files(tmp_path / "cache")) == 1
+    assert len(_files(tmp_path / "cache")) == 2  # the single and the batched program
