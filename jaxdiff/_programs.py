@@ -99,7 +99,7 @@ def _key(name: str, inputs, static) -> str | None:
     text = repr(
         (
             _environment(),
-            [getattr(jax.config, name, None) for name in _CONFIG_IN_KEY],
+            [getattr(jax.config, setting, None) for setting in _CONFIG_IN_KEY],
             os.environ.get("XLA_FLAGS", ""),
             name,
             static,
