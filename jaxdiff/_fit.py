@@ -73,13 +73,12 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
 
     valid = data.valid
 
-    def designs(x_stamp, y_core, weight):
-        C = stamp_designs(x_stamp, fx, fy, mix, *groups)
-        return (C, *jax.vmap(stamp_normal)(C, y_core, weight))
+    def normal(x_stamp, y_core, weight):  # the designs C_b = B_b ∗ X live only inside their chunk
+        return jax.vmap(stamp_normal)(stamp_designs(x_stamp, fx, fy, mix, *groups), y_core, weight)
 
     # chunks of slots without a star are skipped: the work follows the star count, not the slot count
-    C, Ms, bs = _stamps.over_slots(
-        designs, valid, data.x_stamp, data.y_core, data.weight.astype(dtype), axis_name=axis_name
+    Ms, bs = _stamps.over_slots(
+        normal, valid, data.x_stamp, data.y_core, data.weight.astype(dtype), axis_name=axis_name
     )
     if reg is not None:
         Ms = Ms + reg.astype(dtype)
@@ -87,21 +86,26 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
     bs = jnp.where(valid[:, None], bs, 0.0)
 
     k = basis.shape[-1]
-    # reused by every residual test; float32 is plenty for the K² ∗ V_X term that only scales the residuals
-    vx_spec = _stamps.over_slots(
-        jax.vmap(lambda v: stamp_spectrum(v.astype(jnp.float32), k)), valid, data.vx_stamp, axis_name=axis_name
-    )
-    one_test = jax.vmap(lambda Cs, yc, vyc, vxs, vsp, g, a: residual_stats(Cs, yc, vyc, vxs, g, a, basis, vsp))
+
+    def spectra(x_stamp, vx_stamp):
+        # reused by every residual test; float32 is plenty for the K² ∗ V_X term that only scales the residuals
+        return stamp_spectrum(x_stamp, k), stamp_spectrum(vx_stamp.astype(jnp.float32), k)
+
+    x_spec, vx_spec = _stamps.over_slots(jax.vmap(spectra), valid, data.x_stamp, data.vx_stamp, axis_name=axis_name)
+
+    def one_test(xs, yc, vyc, vxs, x_sp, vx_sp, g, a):
+        return residual_stats(xs, yc, vyc, vxs, g, a, basis, (x_sp, vx_sp))
 
     def test(alpha):
         # slots of a skipped chunk get NaN statistics: they fail every test (and are invalid anyway)
         return _stamps.over_slots(
-            one_test,
+            jax.vmap(one_test),
             valid,
-            C,
+            data.x_stamp,
             data.y_core,
             data.vy_core,
             data.vx_stamp,
+            x_spec,
             vx_spec,
             data.good_core,
             alpha,

@@ -384,3 +384,35 @@ def test_vmap_over_pairs_with_different_psfs_equals_separate_calls():
         assert bool(got.metadata["convolves_template"]) == modes[i]
         # vmapped FFTs and reductions sum in another order: pixels of a few hundred counts agree to ~1e-10
         _assert_results_equal(got, one, atol=1e-7)
+
+
+def test_residual_test_model_is_the_designs_combination():
+    """The residual test's model K ∗ X + bg (one FFT convolution) equals Σ_b α_b C_b + bg with the designs
+    C_b = B_b ∗ X of the normal equations, so the statistics do not depend on which of the two is used."""
+    from jaxdiff import basis
+    from jaxdiff.solvers._normal import residual_stats, stamp_designs, stamp_spectrum
+
+    k, h = 21, 10
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        fx, fy, mix = basis.alard_lupton_factors(k, jnp.asarray((0.8, 1.6, 3.2)))
+        images = basis.alard_lupton(k, jnp.asarray((0.8, 1.6, 3.2)))
+        stamp = jnp.asarray(rng.normal(100.0, 30.0, (2 * k + 1, 2 * k + 1)))
+        var_stamp = jnp.asarray(rng.uniform(50.0, 150.0, stamp.shape))
+        core = (slice(h, -h), slice(h, -h))
+        C = stamp_designs(stamp[None], fx, fy, mix)[0]
+        alpha = jnp.asarray(rng.normal(0.0, 0.3, images.shape[0] + 1))
+        target = jnp.tensordot(alpha[:-1], C, axes=1) + alpha[-1] + jnp.asarray(rng.normal(0.0, 5.0, C.shape[1:]))
+        var_target = jnp.asarray(rng.uniform(20.0, 30.0, C.shape[1:]))
+        good = jnp.asarray(rng.uniform(size=C.shape[1:]) > 0.1)
+
+        kern = jnp.tensordot(alpha[:-1], images, axes=1)
+        model = jnp.tensordot(alpha[:-1], C, axes=1) + alpha[-1]
+        var_d = var_target + convolve2d(np.asarray(var_stamp), np.asarray(kern) ** 2, mode="valid")
+        r = np.asarray((target - model) / np.sqrt(var_d))[np.asarray(good)]
+        assert stamp[core].shape == C.shape[1:]
+        spectra = (stamp_spectrum(stamp, k), stamp_spectrum(var_stamp, k))
+        for given in (None, spectra):
+            mean, std = residual_stats(stamp, target, var_target, var_stamp, good, alpha, images, given)
+            np.testing.assert_allclose(float(mean), r.mean(), rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(float(std), r.std(ddof=1), rtol=1e-9)

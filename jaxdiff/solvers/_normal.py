@@ -86,23 +86,29 @@ def convolve_valid_fft(image: Float[Array, "s s"], kernel: Float[Array, "k k"], 
     return full[k - 1 : s, k - 1 : s].astype(jnp.result_type(image.dtype, kernel.dtype))
 
 
-def residual_stats(design, target, var_target, var_stamp, good, alpha, basis, var_spectrum=None):
+def residual_stats(stamp, target, var_target, var_stamp, good, alpha, basis, stamp_spectra=None):
     """Mean and sample std of the variance-normalised residual of one stamp (ALGORITHM §7).
 
+    The model is K ∗ X + background with K = Σ_b α_b B_b: one FFT convolution of the stamp with the kernel
+    image, equal to Σ_b α_b C_b for the designs C_b = B_b ∗ X of the normal equations, so the tests need no
+    copy of the designs.
+
     Arguments:
-        design: (n, c, c) basis columns; target, var_target: matched image and its variance on the core.
+        stamp: (2k + 1)² convolved image X; target, var_target: matched image and its variance on the core.
         var_stamp: (2k + 1)² variance of the convolved image (for K² ∗ V_X).
         good: (c, c) pixels counted.
         alpha: (n + 1,) kernel coefficients then background.
         basis: (n, k, k) basis images.
-        var_spectrum: optional `stamp_spectrum(var_stamp, k)`, computed once by callers that test repeatedly.
+        stamp_spectra: optional (`stamp_spectrum(stamp, k)`, `stamp_spectrum(var_stamp, k)`), computed once by
+            callers that test repeatedly.
 
     Returns:
         (mean, std) of r = D/√var_D over good pixels; NaN when undefined.
     """
     n = basis.shape[0]
-    model = jnp.tensordot(alpha[:n], design, axes=1) + alpha[n]
+    x_spectrum, var_spectrum = (None, None) if stamp_spectra is None else stamp_spectra
     kern = jnp.tensordot(alpha[:n], basis, axes=1)
+    model = convolve_valid_fft(stamp, kern, x_spectrum) + alpha[n]
     var_d = var_target + convolve_valid_fft(var_stamp, kern**2, var_spectrum)
     ok = good & (var_d > 0) & jnp.isfinite(var_d)
     r = jnp.where(ok, (target - model) / jnp.sqrt(jnp.where(ok, var_d, 1.0)), 0.0)
