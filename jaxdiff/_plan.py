@@ -32,7 +32,6 @@ from ._image_fit import resolve_fit_region
 from ._mask import bitmask
 from ._psf import GaussianPsf, GridPsf, ImagePsf, Psf
 from ._sources import Sources, capacity_for
-from ._stats import usable
 from ._types import is_concrete
 
 SLOT_SIZES = (128, 256, 512, 1024)  # stamp slots of the fit, then multiples of 1024
@@ -82,9 +81,9 @@ def facts(template: Exposure, science: Exposure) -> dict:
     res["coverage"] = float(coverage(template, science, np))
     for name, e in (("template", template), ("science", science)):
         image, variance = np.asarray(e.image), np.asarray(e.variance)
-        res[f"{name}_usable"] = bool(np.any(usable(image, variance, np)))
-        bad = np.isfinite(image) & ~(np.isfinite(variance) & (variance >= 0))  # finite pixel, invalid variance
-        res[f"{name}_bad_variance"] = int(np.count_nonzero(bad))
+        finite, var_ok = np.isfinite(image), np.isfinite(variance) & (variance >= 0)
+        res[f"{name}_usable"] = bool(np.any(finite & var_ok & (variance > 0)))  # `usable`, one pass fewer
+        res[f"{name}_bad_variance"] = int(np.count_nonzero(finite & ~var_ok))  # finite pixel, invalid variance
     return res
 
 
@@ -115,16 +114,33 @@ def coverage(template: Exposure, science: Exposure, xp=jnp):
     ny, nx = science.shape
     nd_t = bitmask(template.mask_planes, ["NO_DATA"])
     nd_s = bitmask(science.mask_planes, ["NO_DATA"])
-    s_xy0, t_xy0 = (np.asarray(e.xy0) if xp is np else e.xy0 for e in (science, template))
-    dy = s_xy0[1] - t_xy0[1]
-    dx = s_xy0[0] - t_xy0[0]
-    rows = xp.arange(ny) + dy
-    cols = xp.arange(nx) + dx
+    if xp is np:
+        return _host_coverage(template, science, nd_t, nd_s)
+    dy = science.xy0[1] - template.xy0[1]
+    dx = science.xy0[0] - template.xy0[0]
+    rows = jnp.arange(ny) + dy
+    cols = jnp.arange(nx) + dx
     ty, tx = template.shape
     inside = ((rows >= 0) & (rows < ty))[:, None] & ((cols >= 0) & (cols < tx))[None, :]
-    t_mask = xp.asarray(template.mask)[xp.clip(rows, 0, ty - 1)][:, xp.clip(cols, 0, tx - 1)]
-    lacks = ~inside | ((t_mask & nd_t) != 0) | ((xp.asarray(science.mask) & nd_s) != 0)
-    return 1.0 - xp.mean(lacks.astype(xp.float32))
+    t_mask = template.mask[jnp.clip(rows, 0, ty - 1)][:, jnp.clip(cols, 0, tx - 1)]
+    lacks = ~inside | ((t_mask & nd_t) != 0) | ((science.mask & nd_s) != 0)
+    return 1.0 - jnp.mean(lacks.astype(jnp.float32))
+
+
+def _host_coverage(template: Exposure, science: Exposure, nd_t: int, nd_s: int) -> np.float32:
+    """`coverage` on the host: the template's overlap with the science box is a slice (no gather); the count is
+    exact, the fraction a float32 as the traced version's."""
+    ny, nx = science.shape
+    ty, tx = template.shape
+    dx, dy = (int(a) - int(b) for a, b in zip(np.asarray(science.xy0), np.asarray(template.xy0), strict=True))
+    r0, r1 = max(0, -dy), min(ny, ty - dy)  # science rows (and columns) the template's array reaches
+    c0, c1 = max(0, -dx), min(nx, tx - dx)
+    has = 0
+    if r1 > r0 and c1 > c0:
+        t_ok = (np.asarray(template.mask)[r0 + dy : r1 + dy, c0 + dx : c1 + dx] & nd_t) == 0
+        s_ok = (np.asarray(science.mask)[r0:r1, c0:c1] & nd_s) == 0
+        has = int(np.count_nonzero(t_ok & s_ok))
+    return np.float32(1.0) - np.float32(ny * nx - has) / np.float32(ny * nx)
 
 
 def resolve_mode(mode: str, w_template, w_science) -> str:

@@ -46,17 +46,24 @@ def limiting_magnitude(variance: np.ndarray, good: np.ndarray, sigma_xy, photo_c
     if sigma_xy is None or not (np.isfinite(photo_calib) and photo_calib > 0) or not np.any(good):
         return None
     area = 4 * np.pi * sigma_xy[0] * sigma_xy[1]
-    noise = np.sqrt(area * float(np.median(variance[good])))
+    noise = np.sqrt(area * float(np.median(variance[good], overwrite_input=True)))  # a copy: partition it in place
     if not (np.isfinite(noise) and noise > 0):
         return None
     return float(_AB_NJY - 2.5 * np.log10(photo_calib) - 2.5 * np.log10(_NSIGMA * noise))
 
 
-def _boxes(plane: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: int, fill) -> np.ndarray:
-    """(n, 2r + 1, 2r + 1) cut-outs of `plane` centred on integer (cx, cy), `fill` beyond the array."""
-    padded = np.pad(plane, r, constant_values=fill)
+def _boxes(planes, cx: np.ndarray, cy: np.ndarray, r: int, fills) -> list[np.ndarray]:
+    """(n, 2r + 1, 2r + 1) cut-outs of each (ny, nx) plane centred on integer (cx, cy), its fill beyond the
+    array: only the cut-outs are read (no padded copy of a plane)."""
+    ny, nx = planes[0].shape
     off = np.arange(-r, r + 1)
-    return padded[(cy + r)[:, None, None] + off[None, :, None], (cx + r)[:, None, None] + off[None, None, :]]
+    rows, cols = cy[:, None] + off[None, :], cx[:, None] + off[None, :]
+    inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
+    flat = np.clip(rows, 0, ny - 1)[:, :, None] * nx + np.clip(cols, 0, nx - 1)[:, None, :]
+    return [
+        np.where(inside, np.take(p.reshape(-1), flat), np.asarray(f, p.dtype))
+        for p, f in zip(planes, fills, strict=True)
+    ]
 
 
 def footprint_figures(
@@ -95,11 +102,21 @@ def footprint_figures(
     ny, nx = s_img.shape
     inside = (cx >= 0) & (cy >= 0) & (cx < nx) & (cy < ny)
     x, y, cx, cy = x[inside], y[inside], cx[inside], cy[inside]
-    bad = (d_mask & bitmask(difference.mask_planes, _EXCLUDED)) != 0
-    ok = np.isfinite(d_img) & np.isfinite(d_var) & (d_var > 0) & np.isfinite(s_img) & ~bad
+    # everything below is per source: the planes are only read in (2R + 1)² cut-outs around the sources
+    r = max(2, int(round(2 * fwhm)))  # footprints: disks of radius 2·FWHM, sky from a 3-pixel annulus beyond
+    ra = r + 3
+    big = max(half, ra)
+    sb, vb, db, dvb, mb = _boxes((s_img, s_var, d_img, d_var, d_mask), cx, cy, big, (np.nan,) * 4 + (0,))
+    bad = (mb & bitmask(difference.mask_planes, _EXCLUDED)) != 0
+    ok = np.isfinite(db) & np.isfinite(dvb) & (dvb > 0) & np.isfinite(sb) & ~bad
+
+    def within(a, radius):
+        c = slice(big - radius, big + radius + 1)
+        return a[:, c, c]
+
     # residual statistics on each stamp
-    z = np.where(ok, d_img / np.sqrt(np.where(ok, d_var, 1.0)), np.nan)
-    zb = _boxes(z, cx, cy, half, np.nan)
+    okh = within(ok, half)
+    zb = np.where(okh, within(db, half) / np.sqrt(np.where(okh, within(dvb, half), 1.0)), np.nan)
     n_pix = np.sum(np.isfinite(zb), axis=(1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(n_pix > 0, np.nansum(zb, axis=(1, 2)) / np.maximum(n_pix, 1), np.nan)
@@ -111,17 +128,12 @@ def footprint_figures(
         residual_std=[None if n < 2 else float(np.sqrt(v)) for v, n in zip(var, n_pix, strict=True)],
         n_pixels=n_pix.astype(int).tolist(),
     )
-    # footprint ratio: disks of radius 2·FWHM, sky from the median of a 3-pixel annulus beyond them
-    r = max(2, int(round(2 * fwhm)))
-    ra = r + 3
     off = np.arange(-ra, ra + 1)
     rr = np.hypot(off[None, :], off[:, None])
     disk, ring = rr <= r, (rr > r) & (rr <= ra)
 
-    sb = _boxes(np.where(ok, s_img, np.nan), cx, cy, ra, np.nan)
-    vb = _boxes(np.where(ok, s_var, np.nan), cx, cy, ra, np.nan)
-    db = _boxes(np.where(ok, d_img, np.nan), cx, cy, ra, np.nan)
-    dvb = _boxes(np.where(ok, d_var, np.nan), cx, cy, ra, np.nan)
+    oka = within(ok, ra)
+    sb, vb, db, dvb = (np.where(oka, within(a, ra), np.nan) for a in (sb, vb, db, dvb))
     complete = np.all(np.isfinite(sb[:, disk]) & np.isfinite(db[:, disk]), axis=1)
     complete &= (np.sum(np.isfinite(sb[:, ring]), axis=1) >= 8) & (np.sum(np.isfinite(db[:, ring]), axis=1) >= 8)
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():

@@ -217,3 +217,35 @@ def test_runtime_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("JAXDIFF_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert _runtime.cache_dir() == tmp_path / "jaxdiff" / "xla"
+
+
+@pytest.mark.parametrize(
+    ("dx", "dy", "shape"), [(0, 0, (90, 80)), (7, -5, (90, 80)), (-30, 40, (60, 100)), (200, 0, (90, 80))]
+)
+def test_host_coverage_equals_the_traced_one(dx, dy, shape):
+    """The task's pre-check (numpy, the template's overlap as a slice) and the core's traced coverage agree for
+    offset, partial and missing overlaps with NO_DATA pixels in both images."""
+    from jaxdiff._plan import coverage
+
+    rng = np.random.default_rng(abs(dx) + 100 * abs(dy))
+    pair = jd.sim.simulate_pair((90, 80), seed=2, n_stars=5)
+    t, s = pair.template, pair.science
+    nd_t, nd_s = (1 << dict(e.mask_planes)["NO_DATA"] for e in (t, s))
+    t_mask = np.where(rng.uniform(size=shape) < 0.1, nd_t, 0).astype(np.asarray(t.mask).dtype)
+    s_mask = np.asarray(s.mask) | np.where(rng.uniform(size=s.shape) < 0.05, nd_s, 0).astype(t_mask.dtype)
+    x0, y0 = (int(v) for v in np.asarray(s.xy0))
+    t = dataclasses.replace(
+        t, image=np.zeros(shape, np.float32), variance=np.ones(shape, np.float32), mask=t_mask, xy0=(x0 - dx, y0 - dy)
+    )
+    s = dataclasses.replace(s, mask=s_mask)
+    host, traced = coverage(t, s, np), coverage(t, s)
+    assert float(host) == pytest.approx(float(traced), abs=1e-6)  # float32 division and XLA's mean round apart
+    # the definition, pixel by pixel
+    rows, cols = np.arange(90)[:, None] + dy, np.arange(80)[None, :] + dx
+    inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+    t_has = np.zeros((90, 80), bool)
+    t_has[inside] = (
+        t_mask[np.broadcast_to(rows, inside.shape)[inside], np.broadcast_to(cols, inside.shape)[inside]] & nd_t
+    ) == 0
+    expected = np.mean(t_has & ((s_mask & nd_s) == 0))
+    assert float(host) == pytest.approx(expected, abs=1e-6)

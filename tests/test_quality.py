@@ -75,3 +75,37 @@ def test_bad_subtraction_detected(pair, result):
     # with the flux scale fitted the subtraction is good again
     good = task.run_with_kernel(bright, pair.science, kernel, fit_flux_scale=True, sources=pair.sources)
     assert good.metadata["difference_footprint_ratio_mean"] < 0.2
+
+
+def test_stamp_statistics_equal_a_direct_loop_also_at_the_edges(pair, result):
+    """The per-source residual statistics read only cut-outs around the sources: they equal a direct loop over
+    the sources with explicit bounds, for sources whose stamps run off the image too."""
+    from jaxdiff._mask import bitmask
+    from jaxdiff._quality import _EXCLUDED, footprint_figures
+
+    d = result.difference
+    img, var, mask = (np.asarray(a) for a in (d.image, d.variance, d.mask))
+    s_img = np.asarray(pair.science.image)
+    x0, y0 = (int(v) for v in np.asarray(pair.science.xy0))
+    ny, nx = img.shape
+    xs = np.array([x0 + 1.2, x0 + nx - 2.0, x0 + 80.4, x0 + 40.0, x0 + 3.0])
+    ys = np.array([y0 + 70.0, y0 + 5.0, y0 + ny - 1.0, y0 + 40.0, y0 + 2.0])
+    sources = jd.Sources(x=xs, y=ys, valid=np.ones(xs.size, bool))
+    half = 14  # wider than the masked border, so stamps that run off the image still hold data
+    stats = footprint_figures(pair.science, d, sources, 4.0, half)["stamp_statistics"]
+    ok = np.isfinite(img) & np.isfinite(var) & (var > 0) & np.isfinite(s_img)
+    ok &= (mask & bitmask(d.mask_planes, _EXCLUDED)) == 0
+    n_with_data = 0
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        cx, cy = int(np.floor(x + 0.5)) - x0, int(np.floor(y + 0.5)) - y0
+        rows = slice(max(cy - half, 0), min(cy + half + 1, ny))
+        cols = slice(max(cx - half, 0), min(cx + half + 1, nx))
+        z = (img[rows, cols] / np.sqrt(np.where(ok[rows, cols], var[rows, cols], 1.0)))[ok[rows, cols]]
+        assert stats["n_pixels"][i] == z.size
+        if z.size == 0:  # e.g. a stamp inside the EDGE-masked border
+            assert stats["residual_mean"][i] is None and stats["residual_std"][i] is None
+            continue
+        n_with_data += 1
+        assert stats["residual_mean"][i] == pytest.approx(z.mean(), rel=1e-5, abs=1e-6)
+        assert stats["residual_std"][i] == pytest.approx(z.std(ddof=1), rel=1e-5)
+    assert n_with_data >= 3
