@@ -1,6 +1,7 @@
 """Find kernel candidate stars on an image when no source list is given (ALGORITHM §6.1)."""
 
 import dataclasses
+import math
 
 import equinox as eqx
 import jax
@@ -10,17 +11,30 @@ from jax import lax
 
 from ._sources import Sources, capacity_for
 from ._stats import median_background, usable
+from .convolve import next_fast_len
+
+_BACKGROUND_BIN = 128
+_BACKGROUND_SAMPLES = 2**18  # pixels the background medians read at most (a regular grid beyond that)
+
+
+def background_stride(shape) -> int:
+    """Static stride of the detection background's samples: the power of two (≤ 8, so that a bin keeps at least
+    16² samples) that keeps about `_BACKGROUND_SAMPLES` pixels. A bin median of 32² samples is within 4 % of the
+    noise σ of the full bin's, far below the S/N ≥ 10 of kernel candidates; the sort of every pixel was 113 of
+    239 ms of the 2048² detection on 2 cores."""
+    ratio = shape[0] * shape[1] / _BACKGROUND_SAMPLES
+    return 1 if ratio <= 1 else min(8, 1 << math.ceil(math.log2(math.sqrt(ratio))))
 
 
 def _snr_map(image, variance, mask_bad, psf_image):
     """PSF matched-filter S/N (P̃ ∗ I)/√(P̃² ∗ V) after a 128-px-cell median background."""
     good = usable(image, variance) & ~mask_bad
-    bg = median_background(image, good, 128)
+    bg = median_background(image, good, _BACKGROUND_BIN, stride=background_stride(image.shape))
     img = jnp.where(good, image - bg, 0.0)
     var = jnp.where(good, variance, 0.0)
     k = psf_image.shape[0]
     ny, nx = image.shape
-    shape = (ny + k - 1, nx + k - 1)
+    shape = (next_fast_len(ny + k - 1), next_fast_len(nx + k - 1))  # zero padding beyond the linear size
     # correlation with P = convolution with P rotated by 180°
     pr = psf_image[::-1, ::-1]
     fi = jnp.fft.rfft2(img, shape)

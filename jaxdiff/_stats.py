@@ -180,7 +180,7 @@ def _interp_matrix(n: int, centres) -> Float[Array, "n nb"]:
     return jax.vmap(lambda e: jnp.interp(pos, centres, e), out_axes=1)(jnp.eye(nb, dtype=centres.dtype))
 
 
-def median_background(image: Image, good: Bool[Array, "ny nx"], bin_size: int = 32) -> Image:
+def median_background(image: Image, good: Bool[Array, "ny nx"], bin_size: int = 32, stride: int = 1) -> Image:
     """Smooth background: the median of the good pixels in bin_size² bins, bilinear between bin centres.
 
     Partial last bins are allowed (their centres sit at their own middles); interpolation is clamped beyond
@@ -190,13 +190,21 @@ def median_background(image: Image, good: Bool[Array, "ny nx"], bin_size: int = 
         image: (ny, nx).
         good: boolean (ny, nx); pixels to use.
         bin_size: bin side in pixels, static (default 32).
+        stride: static; the bin medians read every stride-th row and column only ((bin_size / stride)² samples
+            per bin; bin_size must be a multiple), the background is still evaluated at every pixel.
 
     Returns:
         The background, shape (ny, nx), in the image's dtype.
     """
     ny, nx = image.shape
-    nby, nbx = -(-ny // bin_size), -(-nx // bin_size)
-    pad = ((0, nby * bin_size - ny), (0, nbx * bin_size - nx))
+    if bin_size % stride:
+        raise ValueError(f"bin_size={bin_size} must be a multiple of stride={stride}")
+    out_dtype = image.dtype
+    image, good = image[::stride, ::stride], good[::stride, ::stride]
+    full_bin, bin_size = bin_size, bin_size // stride
+    sy, sx = image.shape  # same bin count as the full image: ⌈⌈n/s⌉/(b/s)⌉ = ⌈n/b⌉
+    nby, nbx = -(-sy // bin_size), -(-sx // bin_size)
+    pad = ((0, nby * bin_size - sy), (0, nbx * bin_size - sx))
     vals = jnp.pad(jnp.where(good, image, 0.0), pad)
     keep = jnp.pad(good, pad)
 
@@ -209,9 +217,9 @@ def median_background(image: Image, good: Bool[Array, "ny nx"], bin_size: int = 
     fill = jnp.where(jnp.isfinite(fill), fill, 0.0)
     med = jnp.where(has, med, fill).reshape(nby, nbx)
     dtype = solve_dtype()
-    wy = _interp_matrix(ny, _bin_centres(ny, bin_size).astype(dtype))
-    wx = _interp_matrix(nx, _bin_centres(nx, bin_size).astype(dtype))
-    return (wy @ med @ wx.T).astype(image.dtype)
+    wy = _interp_matrix(ny, _bin_centres(ny, full_bin).astype(dtype))
+    wx = _interp_matrix(nx, _bin_centres(nx, full_bin).astype(dtype))
+    return (wy @ med @ wx.T).astype(out_dtype)
 
 
 def variance_factor(

@@ -88,6 +88,33 @@ def test_median_background_follows_a_smooth_gradient(rng):
     assert np.abs(bg[inner] - truth[inner]).max() < 0.15
 
 
+@pytest.mark.parametrize("shape", [(256, 320), (250, 301)])
+def test_strided_median_background_uses_the_bins_of_the_full_image(rng, shape):
+    """stride s: each bin's median comes from every s-th row and column of that bin, and the background is
+    interpolated between the full image's bin centres (partial last bins included)."""
+    ny, nx = shape
+    image = 5.0 + 0.02 * np.arange(nx)[None, :] + rng.normal(0, 0.5, size=shape)
+    good = rng.random(shape) > 0.1
+    bg = np.asarray(median_background(jnp.asarray(image), jnp.asarray(good), 64, stride=4))
+    # the bin medians by hand, then the unstrided function's interpolation of them
+    sub, keep = image[::4, ::4], good[::4, ::4]
+    med = np.array(
+        [
+            [np.median(sub[r : r + 16, c : c + 16][keep[r : r + 16, c : c + 16]]) for c in range(0, sub.shape[1], 16)]
+            for r in range(0, sub.shape[0], 16)
+        ]
+    )
+    assert med.shape == (-(-ny // 64), -(-nx // 64))
+    # a piecewise-constant image of those medians has them as its own bin medians at stride 1
+    blocky = np.kron(med, np.ones((64, 64)))[:ny, :nx]
+    expected = np.asarray(median_background(jnp.asarray(blocky), jnp.ones(shape, bool), 64))
+    assert_allclose(bg, expected, rtol=1e-6)
+    full = np.asarray(median_background(jnp.asarray(image), jnp.asarray(good), 64))
+    assert np.abs(bg - full).max() < 0.1  # 256 samples a bin against 4096: the median moves by noise only
+    with pytest.raises(ValueError, match="multiple of stride"):
+        median_background(jnp.asarray(image), jnp.asarray(good), 64, stride=3)
+
+
 def test_variance_factor_recovers_scale(rng):
     image = rng.normal(0, 2.0, size=(128, 96)) + 50.0
     variance = np.ones_like(image)
