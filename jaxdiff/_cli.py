@@ -115,6 +115,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="also subtract the fitted differential background (by default it is fitted but kept, as in LSST)",
     )
     sub.add_argument("--plot", metavar="DIAG.png", help="also write a diagnostic figure")
+    sub.add_argument(
+        "--precompile",
+        action="store_true",
+        help="afterwards also compile the programs of the other kernel sizes, so that later runs on images of "
+        "this size do not compile whatever their PSF widths (once per installation; see docs/compile-once.md)",
+    )
     sub.add_argument("--matched-template", metavar="PATH", help="also write the PSF-matched template (FITS)")
     sub.add_argument("-v", "--verbose", action="store_true", help="print all metadata; tracebacks on errors")
 
@@ -333,7 +339,8 @@ def _subtract(args) -> int:
     if args.subtract_background:
         overrides["do_subtract_background"] = True
     config = config.replace(**overrides) if overrides else config
-    result = AlardLuptonSubtract(config).run(template, science, sources)
+    task = AlardLuptonSubtract(config)
+    result = task.run(template, science, sources)
     # everything that can fail on the data happens before the first file is written
     figure = None if args.plot is None else diagnostic_figure(science, template, result)
     write_exposure(args.output, result.difference)
@@ -358,6 +365,12 @@ def _subtract(args) -> int:
     if args.verbose:
         for key, value in md.items():
             print(f"  {key} = {value}")
+    if args.precompile:
+        done = int(md["kernel_size"])
+        print(f"{_PROG}: compiling the programs of the other kernel sides (this one's, {done} px, is compiled)")
+        task._compile_other_sides(
+            template, science, sources, done, lambda side, s: print(f"  kernel side {side} px: {s:.1f} s", flush=True)
+        )
     return 0
 
 

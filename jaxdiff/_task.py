@@ -93,6 +93,59 @@ class AlardLuptonSubtract(eqx.Module):
             science = dataclasses.replace(science, psf=as_psf(science_psf))
         return self._run(template, science, sources, self.config)
 
+    def precompile(self, template: Exposure, science: Exposure, sources: Sources | None = None, progress=None) -> dict:
+        """Compile, ahead of the data, every kernel size's program for pairs laid out like this one.
+
+        The kernel side follows the PSF widths to one of `config.kernel_size_buckets`, and a new side means a
+        new program (several seconds of compilation on a CPU). This runs the task once on the pair, then the
+        subtraction once for each other kernel side, so that the persistent cache (and the store of exported
+        programs) of `JAXDIFF_CACHE_DIR` holds them all: later processes on images of the same shapes, PSF
+        type and mask planes start without compiling, whatever their PSF widths. Run it once per deployment,
+        e.g. when a container image or a batch environment is built.
+
+        Arguments:
+            template, science: an example pair with the production layout (shapes, PSF kind, mask planes).
+            sources: as for `run` (None: the detection program is compiled too).
+            progress: optional callable(kernel side, seconds), called as each side is done.
+
+        Returns:
+            {kernel side: seconds} for each side compiled (the pair's own side includes the task's run).
+        """
+        t0 = time.perf_counter()
+        result = self.run(template, science, sources)
+        own = int(result.metadata["kernel_size"])
+        seconds = {own: time.perf_counter() - t0}
+        if progress is not None:
+            progress(own, seconds[own])
+        return seconds | self._compile_other_sides(template, science, sources, own, progress)
+
+    def _compile_other_sides(self, template, science, sources, done: int, progress=None) -> dict:
+        """Run the subtraction once with each kernel side of `config.kernel_size_buckets` except `done`, as a pair
+        whose PSFs call for that side would (the buckets only choose the side): {side: seconds}."""
+        cfg = self.config
+        seconds = {}
+        with jax.enable_x64(True), runtime.single_threaded_blas():
+            psf_size, t_in, s_in, found = _checked_inputs(template, science, cfg)
+            if sources is None:
+                bad = bitmask(science.mask_planes, cfg.exclude_mask_planes)
+                sources = detect_sources(s_in, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
+            widths = ([found["template_widths"]], [found["science_widths"]])
+            for side in sorted(set(cfg.kernel_size_buckets) - {done}):
+                t1 = time.perf_counter()
+                try:
+                    plan = plan_from(
+                        science.shape, len(sources), cfg.replace(kernel_size_buckets=(side,)), widths, psf_size
+                    )
+                except ValueError:  # this side does not fit the image: no pair of this size can use it
+                    continue
+                if plan.k != side:  # the FWHM rule is off (a fixed kernel_size): there is one program
+                    break
+                jax.block_until_ready(subtract(t_in, s_in, sources.padded(plan.capacity), cfg, plan))
+                seconds[side] = time.perf_counter() - t1
+                if progress is not None:
+                    progress(side, seconds[side])
+        return seconds
+
     def run_with_kernel(
         self,
         template: Exposure,

@@ -187,3 +187,24 @@ def test_demo_recovers_transients_and_writes_its_files(tmp_path, capsys):
         assert word in out
     diff = jd.read_exposure(outdir / "difference.fits")
     assert diff.shape == (256, 256)
+
+
+@pytest.mark.slow  # 20 s on 2 cores; the task-level precompile test (test_programs.py) runs in CI
+def test_precompile_compiles_the_other_kernel_sides(files, tmp_path):
+    (tmp_path / "two.toml").write_text("kernel_size_buckets = [21, 35]\n")
+    proc = _run(
+        "subtract",
+        str(files / "science.fits"),
+        str(files / "template.fits"),
+        "-o",
+        "diff.fits",
+        "--sources",
+        str(files / "sources.csv"),
+        "--config",
+        "two.toml",
+        "--precompile",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "diff.fits").exists()
+    assert "kernel side 35 px:" in proc.stdout and "kernel side 21 px:" not in proc.stdout, proc.stdout

@@ -153,3 +153,36 @@ def test_a_second_process_runs_the_stored_program_without_tracing(tmp_path):
     assert runs[0][0] >= 1 and runs[1][0] == 0, runs
     assert runs[0][1] == runs[1][1]
     assert len(_files(tmp_path / "cache")) == 2  # the single and the batched program
+
+
+def test_precompile_serves_every_kernel_size_to_a_later_process(tmp_path):
+    """`precompile` on one pair stores the programs of all kernel sides: a later process on a pair whose PSFs call
+    for another side never traces the core (two buckets keep the test short)."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import jaxdiff as jd
+        from jaxdiff import _subtract
+        traces = []
+        original = _subtract.core
+        def counted(*args, **kwargs):
+            traces.append(1)
+            return original(*args, **kwargs)
+        _subtract.core = counted
+        task = jd.AlardLuptonSubtract(kernel_size_buckets=(21, 35))
+        widths = (1.5, 2.0) if sys.argv[1] == "precompile" else (2.6, 3.9)
+        pair = jd.sim.simulate_pair((128, 128), seed=7, n_stars=40, template_sigma=widths[0], science_sigma=widths[1])
+        if sys.argv[1] == "precompile":
+            print(sorted(task.precompile(pair.template, pair.science, pair.sources)))
+        else:
+            print(task.run(pair.template, pair.science, pair.sources).metadata["kernel_size"])
+        print(len(traces))
+        """
+    )
+    env = {**os.environ, "JAXDIFF_CACHE_DIR": str(tmp_path / "cache")}
+    outs = []
+    for step in ("precompile", "run"):
+        run = subprocess.run([sys.executable, "-c", script, step], env=env, capture_output=True, text=True, check=True)
+        outs.append(run.stdout.split("\n"))
+    assert outs[0][:2] == ["[21, 35]", "2"], outs[0]
+    assert outs[1][:2] == ["35", "0"], outs[1]
