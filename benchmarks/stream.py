@@ -4,8 +4,11 @@ Each size gets N different simulated pairs (template σ 1.2–3.0 px, science 5�
 stars, every second pair with `sources=None`). They run through one `AlardLuptonSubtract` in a fresh process
 with an empty persistent compilation cache ("stream": compiles included, amortised per pair), then the last
 pair three more times ("warm"), then N *new* pairs of the same sizes in a second fresh process that finds the
-cache of the first ("second process"). HOTPANTS runs on the same stream pairs (built from
-`../shared/peers/hotpants` when not on PATH). JSON to `benchmarks/results/stream-<time>.json`.
+cache of the first ("second process"), and finally N new pairs in a fresh process whose empty cache was filled by
+`AlardLuptonSubtract.precompile` on one example pair, every kernel side compiled ("precompiled"; the deployment
+step's seconds are reported apart). HOTPANTS runs on the first stream's pairs (built from
+`../shared/peers/hotpants` when not on PATH); its per-pair mean is the × HP reference of every row. JSON to
+`benchmarks/results/stream-<time>.json`.
 
     python benchmarks/stream.py                        # 1024, 2048; 8 pairs each
     python benchmarks/stream.py --sizes 2048 --pairs 12
@@ -29,6 +32,7 @@ import numpy as np
 import peers as peer_codes
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = ("stream", "second_process", "precompiled")
 CONFIG = dict(do_subtract_background=True)  # as run.py: the peers subtract their fitted background too
 BORDER = 20
 
@@ -38,12 +42,13 @@ def _parse(argv):
     p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--pairs", type=int, default=8, help="distinct pairs per size and process")
     p.add_argument("--seed", type=int, default=11)
-    p.add_argument("--quick", action="store_true", help="smoke run: 256², 3 pairs, no HOTPANTS")
+    p.add_argument("--quick", action="store_true", help="smoke run: 256², 3 pairs, no HOTPANTS, no precompiled run")
     p.add_argument("--no-hotpants", action="store_true")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker process")
     p.add_argument("--output", type=Path, default=None)
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--report", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--precompile-only", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -143,11 +148,21 @@ def _worker(path: Path) -> dict:
     return {"pairs": rows, "warm_s": statistics.median(warm), "device": str(jax.devices()[0])}
 
 
-def _run_worker(path: Path, cache: Path, timeout: float) -> dict:
-    report = path.with_suffix(".json")
+def _precompile_worker(path: Path) -> dict:
+    """`AlardLuptonSubtract.precompile` on the first pair of the pickled stream: {kernel side: seconds}."""
+    import jaxdiff as jd
+
+    with path.open("rb") as f:
+        spec, template, science, sources, _ = pickle.load(f)[0]
+    task = jd.AlardLuptonSubtract(**CONFIG)
+    return task.precompile(template, science, sources if spec["sources"] else None)
+
+
+def _run_worker(path: Path, cache: Path, timeout: float, precompile: bool = False) -> dict:
+    report = path.with_suffix(".precompile.json" if precompile else ".json")
     env = {**os.environ, "JAXDIFF_CACHE_DIR": str(cache)}
     cmd = [sys.executable, __file__, "--worker", str(path), "--report", str(report)]
-    subprocess.run(cmd, env=env, check=True, timeout=timeout)
+    subprocess.run(cmd + (["--precompile-only"] if precompile else []), env=env, check=True, timeout=timeout)
     return json.loads(report.read_text())
 
 
@@ -201,9 +216,11 @@ def _summary(rows: list[dict], warm: dict, sizes) -> dict:
 def main(argv=None) -> int:
     args = _parse(argv)
     if args.worker:
-        args.report.write_text(json.dumps(harness.to_jsonable(_worker(args.worker))))
+        work = _precompile_worker if args.precompile_only else _worker
+        args.report.write_text(json.dumps(harness.to_jsonable(work(args.worker))))
         return 0
     sizes, n = ([256], 3) if args.quick else (args.sizes, args.pairs)
+    runs = RUNS[:2] if args.quick else RUNS  # the smoke run skips the precompiled process (tests cover precompile)
     rng = np.random.default_rng(args.seed)
     report = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -212,13 +229,14 @@ def main(argv=None) -> int:
         "config": CONFIG,
         "sizes": sizes,
         "pairs_per_size": n,
+        "runs": list(runs),
     }
     use_hotpants = not (args.quick or args.no_hotpants) and peer_codes.ensure_hotpants()[0]
     with tempfile.TemporaryDirectory(prefix="jaxdiff-stream-") as tmp:
         tmp = Path(tmp)
         cache = tmp / "xla"
-        for run in ("stream", "second_process"):
-            stream_rows, warm, hp = [], {}, []
+        for run in runs:
+            stream_rows, warm, hp, precompiled = [], {}, [], {}
             for size in sizes:
                 stream = []
                 for i in range(n):
@@ -228,13 +246,17 @@ def main(argv=None) -> int:
                 path = tmp / f"{run}{size}.pkl"
                 with path.open("wb") as f:
                     pickle.dump(stream, f)
-                res = _run_worker(path, cache, args.timeout)
+                if run == "precompiled":  # a deployment step on one example pair, then a fresh process
+                    precompiled[size] = _run_worker(path, tmp / "xla-precompiled", args.timeout, precompile=True)
+                res = _run_worker(path, tmp / "xla-precompiled" if run == "precompiled" else cache, args.timeout)
                 stream_rows += res["pairs"]
                 warm[size] = res["warm_s"]
                 if use_hotpants and run == "stream":
                     hp += _hotpants(stream)
                 del stream
             report[run] = {"pairs": stream_rows, "summary": _summary(stream_rows, warm, sizes)}
+            if precompiled:
+                report[run]["precompile_s"] = precompiled
             if hp:
                 report["hotpants"] = {
                     "pairs": hp,
@@ -252,9 +274,9 @@ def _table(report: dict) -> str:
     head = f"{'size':>6} {'run':<15} {'s/pair':>7} {'warm s':>7} {'ratio':>6} {'compiles':>8} {'compile s':>9}"
     lines = [head + f" {'HOTPANTS s':>10} {'× HP':>5}"]
     for size in report["sizes"]:
-        for run in ("stream", "second_process"):
+        for run in report["runs"]:
             s = report[run]["summary"][size]
-            hp = report.get("hotpants", {}).get("per_pair_s", {}).get(size) if run == "stream" else None
+            hp = report.get("hotpants", {}).get("per_pair_s", {}).get(size)  # measured on the first run's pairs
             ratio = s["per_pair_s"] / s["warm_s"] if s["warm_s"] else float("nan")
             hp_txt = f"{hp:>10.2f} {hp / s['per_pair_s']:>5.1f}" if hp else f"{'—':>10} {'—':>5}"
             lines.append(

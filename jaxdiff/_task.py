@@ -105,7 +105,7 @@ class AlardLuptonSubtract(eqx.Module):
 
         Arguments:
             template, science: an example pair with the production layout (shapes, PSF kind, mask planes).
-            sources: as for `run` (None: the detection program is compiled too).
+            sources: as for `run`; the detection program of `sources=None` is compiled either way.
             progress: optional callable(kernel side, seconds), called as each side is done.
 
         Returns:
@@ -126,9 +126,10 @@ class AlardLuptonSubtract(eqx.Module):
         seconds = {}
         with jax.enable_x64(True), runtime.single_threaded_blas():
             psf_size, t_in, s_in, found = _checked_inputs(template, science, cfg)
-            if sources is None:
+            if science.psf is not None:  # the detection program of sources=None, whatever this call was given
                 bad = bitmask(science.mask_planes, cfg.exclude_mask_planes)
-                sources = detect_sources(s_in, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
+                detected = detect_sources(s_in, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
+                sources = detected if sources is None else sources
             widths = ([found["template_widths"]], [found["science_widths"]])
             for side in sorted(set(cfg.kernel_size_buckets) - {done}):
                 t1 = time.perf_counter()
