@@ -119,21 +119,32 @@ def test_prune_keeps_the_most_recently_used(store, monkeypatch):
     assert (store / "other-cache").exists()
 
 
+_COUNT_TRACES = """
+import jaxdiff as jd
+from jaxdiff import _subtract, batch
+traces = []
+original = _subtract.core
+def counted(*args, **kwargs):
+    traces.append(1)
+    return original(*args, **kwargs)
+_subtract.core = batch.core = counted
+"""
+
+
+def _with_trace_count(script: str) -> str:
+    """A child-process script in which `traces` counts the traces of the core (single and batched calls)."""
+    return textwrap.dedent(script).replace("{count_traces}\n", _COUNT_TRACES.lstrip())
+
+
 def test_a_second_process_runs_the_stored_program_without_tracing(tmp_path):
     """Two processes run the task on one pair and `run_many` on two: the second process never traces the core (the
     store serves the single and the batched program) and gets the first one's results bit for bit."""
-    script = textwrap.dedent(
+    script = _with_trace_count(
         """
         import hashlib
         import numpy as np
-        import jaxdiff as jd
-        from jaxdiff import _subtract, batch
-        traces = []
-        original = _subtract.core
-        def counted(*args, **kwargs):
-            traces.append(1)
-            return original(*args, **kwargs)
-        _subtract.core = batch.core = counted
+        from jaxdiff import batch
+        {count_traces}
         pair = jd.sim.simulate_pair((128, 128), seed=7, n_stars=40)
         result = jd.AlardLuptonSubtract().run(pair.template, pair.science, pair.sources)
         other = jd.sim.simulate_pair((128, 128), seed=8, n_stars=50)
@@ -158,17 +169,10 @@ def test_a_second_process_runs_the_stored_program_without_tracing(tmp_path):
 def test_precompile_serves_every_kernel_size_to_a_later_process(tmp_path):
     """`precompile` on one pair stores the programs of all kernel sides: a later process on a pair whose PSFs call
     for another side never traces the core (two buckets keep the test short)."""
-    script = textwrap.dedent(
+    script = _with_trace_count(
         """
         import sys
-        import jaxdiff as jd
-        from jaxdiff import _subtract
-        traces = []
-        original = _subtract.core
-        def counted(*args, **kwargs):
-            traces.append(1)
-            return original(*args, **kwargs)
-        _subtract.core = counted
+        {count_traces}
         task = jd.AlardLuptonSubtract(kernel_size_buckets=(21, 35))
         widths = (1.5, 2.0) if sys.argv[1] == "precompile" else (2.6, 3.9)
         pair = jd.sim.simulate_pair((128, 128), seed=7, n_stars=40, template_sigma=widths[0], science_sigma=widths[1])
