@@ -46,7 +46,8 @@ class Sources(eqx.Module):
         xp = np if is_concrete((x, y, flux, valid)) else jnp
         x = xp.asarray(x)
         y = xp.asarray(y)
-        x = x.astype(jnp.result_type(x.dtype, jnp.float32))
+        # canonical: float64 positions become float32 without x64 (jnp.result_type would warn about it)
+        x = x.astype(jax.dtypes.canonicalize_dtype(np.result_type(x.dtype, np.float32)))
         y = y.astype(x.dtype)
         if x.ndim < 1 or x.shape != y.shape:
             raise ValueError(f"Sources x and y must be 1-D of equal length, got {tuple(x.shape)} and {tuple(y.shape)}")
