@@ -136,19 +136,28 @@ def _with_trace_count(script: str) -> str:
     return textwrap.dedent(script).replace("{count_traces}\n", _COUNT_TRACES.lstrip())
 
 
-def test_a_second_process_runs_the_stored_program_without_tracing(tmp_path):
-    """Two processes run the task on one pair and `run_many` on two: the second process never traces the core (the
-    store serves the single and the batched program) and gets the first one's results bit for bit."""
+def test_a_second_process_runs_the_stored_programs_without_tracing(tmp_path):
+    """Two processes run the task on one pair and `run_many` on two; the first also calls `precompile`, the second
+    also runs a pair whose PSFs call for the other kernel side. The second process never traces the core (the store
+    serves the single, the precompiled and the batched programs) and gets the first one's results bit for bit.
+    (Two kernel buckets keep the test short.)"""
     script = _with_trace_count(
         """
         import hashlib
+        import sys
         import numpy as np
         from jaxdiff import batch
         {count_traces}
-        pair = jd.sim.simulate_pair((128, 128), seed=7, n_stars=40)
-        result = jd.AlardLuptonSubtract().run(pair.template, pair.science, pair.sources)
+        task = jd.AlardLuptonSubtract(kernel_size_buckets=(21, 35))
+        pair = jd.sim.simulate_pair((128, 128), seed=7, n_stars=40, template_sigma=1.5, science_sigma=2.0)
+        result = task.run(pair.template, pair.science, pair.sources)
         other = jd.sim.simulate_pair((128, 128), seed=8, n_stars=50)
         many = batch.run_many([(p.template, p.science, p.sources) for p in (pair, other)], progress=False)
+        if sys.argv[1] == "first":
+            print(sorted(task.precompile(pair.template, pair.science, pair.sources)))
+        else:
+            wide = jd.sim.simulate_pair((128, 128), seed=9, n_stars=40, template_sigma=2.6, science_sigma=3.9)
+            print(task.run(wide.template, wide.science, wide.sources).metadata["kernel_size"])
         digest = hashlib.sha256()
         for image in (result.difference.image, many[0].difference.image, many[1].difference.image):
             digest.update(np.ascontiguousarray(image).tobytes())
@@ -157,36 +166,12 @@ def test_a_second_process_runs_the_stored_program_without_tracing(tmp_path):
     )
     env = {**os.environ, "JAXDIFF_CACHE_DIR": str(tmp_path / "cache")}
     runs = []
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-        traces, digest = out.stdout.split()[-2:]
-        runs.append((int(traces), digest))
-    assert runs[0][0] >= 1 and runs[1][0] == 0, runs
-    assert runs[0][1] == runs[1][1]
-    assert len(_files(tmp_path / "cache")) == 2  # the single and the batched program
-
-
-def test_precompile_serves_every_kernel_size_to_a_later_process(tmp_path):
-    """`precompile` on one pair stores the programs of all kernel sides: a later process on a pair whose PSFs call
-    for another side never traces the core (two buckets keep the test short)."""
-    script = _with_trace_count(
-        """
-        import sys
-        {count_traces}
-        task = jd.AlardLuptonSubtract(kernel_size_buckets=(21, 35))
-        widths = (1.5, 2.0) if sys.argv[1] == "precompile" else (2.6, 3.9)
-        pair = jd.sim.simulate_pair((128, 128), seed=7, n_stars=40, template_sigma=widths[0], science_sigma=widths[1])
-        if sys.argv[1] == "precompile":
-            print(sorted(task.precompile(pair.template, pair.science, pair.sources)))
-        else:
-            print(task.run(pair.template, pair.science, pair.sources).metadata["kernel_size"])
-        print(len(traces))
-        """
-    )
-    env = {**os.environ, "JAXDIFF_CACHE_DIR": str(tmp_path / "cache")}
-    outs = []
-    for step in ("precompile", "run"):
-        run = subprocess.run([sys.executable, "-c", script, step], env=env, capture_output=True, text=True, check=True)
-        outs.append(run.stdout.split("\n"))
-    assert outs[0][:2] == ["[21, 35]", "2"], outs[0]
-    assert outs[1][:2] == ["35", "0"], outs[1]
+    for step in ("first", "second"):
+        out = subprocess.run([sys.executable, "-c", script, step], env=env, capture_output=True, text=True, check=True)
+        *_, extra, last = out.stdout.strip().splitlines()
+        traces, digest = last.split()
+        runs.append((extra, int(traces), digest))
+    assert runs[0][0] == "[21, 35]" and runs[0][1] >= 1, runs[0]
+    assert runs[1][0] == "35" and runs[1][1] == 0, runs[1]
+    assert runs[0][2] == runs[1][2]
+    assert len(_files(tmp_path / "cache")) == 3  # the task's two kernel sides and the batched program
