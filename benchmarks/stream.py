@@ -246,9 +246,10 @@ def main(argv=None) -> int:
                 path = tmp / f"{run}{size}.pkl"
                 with path.open("wb") as f:
                     pickle.dump(stream, f)
+                run_cache = tmp / "xla-precompiled" if run == "precompiled" else cache
                 if run == "precompiled":  # a deployment step on one example pair, then a fresh process
-                    precompiled[size] = _run_worker(path, tmp / "xla-precompiled", args.timeout, precompile=True)
-                res = _run_worker(path, tmp / "xla-precompiled" if run == "precompiled" else cache, args.timeout)
+                    precompiled[size] = _run_worker(path, run_cache, args.timeout, precompile=True)
+                res = _run_worker(path, run_cache, args.timeout)
                 stream_rows += res["pairs"]
                 warm[size] = res["warm_s"]
                 if use_hotpants and run == "stream":

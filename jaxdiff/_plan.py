@@ -32,6 +32,7 @@ from ._image_fit import resolve_fit_region
 from ._mask import bitmask
 from ._psf import GaussianPsf, GridPsf, ImagePsf, Psf
 from ._sources import Sources, capacity_for
+from ._stats import usable
 from ._types import is_concrete
 
 SLOT_SIZES = (128, 256, 512, 1024)  # stamp slots of the fit, then multiples of 1024
@@ -81,9 +82,9 @@ def facts(template: Exposure, science: Exposure) -> dict:
     res["coverage"] = float(coverage(template, science, np))
     for name, e in (("template", template), ("science", science)):
         image, variance = np.asarray(e.image), np.asarray(e.variance)
-        finite, var_ok = np.isfinite(image), np.isfinite(variance) & (variance >= 0)
-        res[f"{name}_usable"] = bool(np.any(finite & var_ok & (variance > 0)))  # `usable`, one pass fewer
-        res[f"{name}_bad_variance"] = int(np.count_nonzero(finite & ~var_ok))  # finite pixel, invalid variance
+        res[f"{name}_usable"] = bool(np.any(usable(image, variance, np)))
+        bad = np.isfinite(image) & ~(np.isfinite(variance) & (variance >= 0))  # finite pixel, invalid variance
+        res[f"{name}_bad_variance"] = int(np.count_nonzero(bad))
     return res
 
 

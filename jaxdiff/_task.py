@@ -127,8 +127,7 @@ class AlardLuptonSubtract(eqx.Module):
         with jax.enable_x64(True), runtime.single_threaded_blas():
             psf_size, t_in, s_in, found = _checked_inputs(template, science, cfg)
             if science.psf is not None:  # the detection program of sources=None, whatever this call was given
-                bad = bitmask(science.mask_planes, cfg.exclude_mask_planes)
-                detected = detect_sources(s_in, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
+                detected = _kernel_candidates(s_in, cfg)
                 sources = detected if sources is None else sources
             widths = ([found["template_widths"]], [found["science_widths"]])
             for side in sorted(set(cfg.kernel_size_buckets) - {done}):
@@ -176,8 +175,7 @@ class AlardLuptonSubtract(eqx.Module):
                 template_psf_fwhm=_fwhm(found["template_widths"]), science_psf_fwhm=_fwhm(found["science_widths"])
             )
             if sources is None:
-                bad = bitmask(science.mask_planes, cfg.exclude_mask_planes)
-                sources = detect_sources(s_in, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
+                sources = _kernel_candidates(s_in, cfg)
             md.update(self._quality(template, science, result, sources, found, kernel.size))
         md["timing.total"] = time.perf_counter() - t0
         check_quality(md, cfg)
@@ -247,8 +245,7 @@ class AlardLuptonSubtract(eqx.Module):
             psf_size, t_in, s_in, found = _checked_inputs(template, science, cfg)
             coverage = found["coverage"]
             if sources is None:
-                bad = bitmask(science.mask_planes, cfg.exclude_mask_planes)
-                sources = detect_sources(s_in, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
+                sources = _kernel_candidates(s_in, cfg)
             n_valid = sources.n_valid
             widths = ([found["template_widths"]], [found["science_widths"]])
             plan = plan_from(science.shape, len(sources), cfg, widths, psf_size)
@@ -301,6 +298,12 @@ class AlardLuptonSubtract(eqx.Module):
         metadata.update({f"timing.{k}": v for k, v in timing.items()})
         check_quality(metadata, cfg)
         return _caller_precision(dataclasses.replace(result, metadata=metadata))
+
+
+def _kernel_candidates(science: Exposure, cfg: SubtractConfig) -> Sources:
+    """Kernel candidates found on the science image (`sources=None`), with the configured exclusions and S/N range."""
+    bad = bitmask(science.mask_planes, cfg.exclude_mask_planes)
+    return detect_sources(science, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
 
 
 def _checked_inputs(template: Exposure, science: Exposure, cfg: SubtractConfig):
