@@ -7,7 +7,6 @@ These are eager, NumPy-side preparations of inputs (they run once per file, befo
 import math
 import os
 
-import jax
 import numpy as np
 
 from ._exposure import Exposure
@@ -251,8 +250,7 @@ def estimate_psf(image, variance, bad=None, *, name: str = "image", saturation: 
         if len(stamps) >= _MAX_STARS:
             break
     if stamps:
-        moments = jax.jit(jax.vmap(adaptive_moments))(np.stack(stamps).astype(np.float32))
-        ixx, iyy = (np.asarray(v, np.float64) for v in jax.device_get(moments))
+        ixx, iyy = adaptive_moments(np.stack(stamps).astype(np.float64), xp=np)
         ok = np.isfinite(ixx) & np.isfinite(iyy)
         stamps = [s for s, k in zip(stamps, ok, strict=True) if k]
         ixx, iyy = ixx[ok], iyy[ok]

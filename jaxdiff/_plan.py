@@ -30,7 +30,7 @@ from ._config import SubtractConfig, check_mode
 from ._exposure import Exposure
 from ._image_fit import resolve_fit_region
 from ._mask import bitmask
-from ._psf import GaussianPsf, GridPsf, ImagePsf, Psf
+from ._psf import GaussianPsf, GridPsf, ImagePsf, Psf, host_sigma_xy
 from ._sources import Sources, capacity_for
 from ._stats import usable
 from ._types import is_concrete
@@ -74,7 +74,7 @@ def facts(template: Exposure, science: Exposure) -> dict:
     t_psf, s_psf = template.psf, science.psf
     res = {}
     if t_psf is not None or s_psf is not None:
-        wt, ws = jax.device_get(_batch_widths(t_psf, s_psf, False))
+        wt, ws = (_widths(p, False) for p in (t_psf, s_psf))
         for name, w, psf in (("template", wt, t_psf), ("science", ws, s_psf)):
             res[f"{name}_widths"] = _checked_widths(w, psf, name)[0]
     else:
@@ -89,11 +89,9 @@ def facts(template: Exposure, science: Exposure) -> dict:
 
 
 def _widths(psf: Psf | None, batched: bool):
-    """(σx, σy) from adaptive moments, shape (2,) or (B, 2) for a stacked batch; NaN without a PSF."""
-    if psf is None:
-        return jnp.full(2, jnp.nan)
-    one = lambda p: jnp.stack(p.sigma_xy()).astype(float)
-    return eqx.filter_vmap(one)(psf) if batched else one(psf)
+    """(σx, σy) from adaptive moments on the host, shape (2,) or (B, 2) for a stacked batch; NaN without a
+    PSF."""
+    return np.full(2, np.nan) if psf is None else host_sigma_xy(psf, batched)
 
 
 def _checked_widths(w, psf, name: str) -> list:
@@ -285,7 +283,7 @@ def make_plan(
                 "the transformation with jd.make_plan(template, science, sources, config) and pass plan=..."
             )
         t_psf, s_psf = (_canonical(e.psf, psf_size, batched) for e in (template, science))
-        wt, ws = jax.device_get(_batch_widths(t_psf, s_psf, batched))
+        wt, ws = (_widths(p, batched) for p in (t_psf, s_psf))
         widths = (_checked_widths(wt, t_psf, "template"), _checked_widths(ws, s_psf, "science"))
     n = 0 if sources is None else int(np.shape(sources.x)[-1])
     plan = plan_from(science.shape, n, config, widths, psf_size)
@@ -334,8 +332,3 @@ def _canonical(psf, size, batched: bool):
     if psf is None or size is None:
         return psf
     return eqx.filter_vmap(lambda p: canonical_psf(p, size))(psf) if batched else canonical_psf(psf, size)
-
-
-@eqx.filter_jit
-def _batch_widths(t_psf: Psf, s_psf: Psf, batched: bool):
-    return _widths(t_psf, batched), _widths(s_psf, batched)

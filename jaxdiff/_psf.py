@@ -24,50 +24,67 @@ def gaussian_image(sigma_x, sigma_y, size: int, dx=0.0, dy=0.0, dtype=None) -> K
     return img / jnp.sum(img)
 
 
-def adaptive_moments(image: Kernel, n_iter: int = 40) -> tuple[Scalar, Scalar]:
+def adaptive_moments(image: Kernel, n_iter: int = 40, xp=jnp) -> tuple[Scalar, Scalar]:
     """Adaptive (Gaussian-weighted, iterated) second moments Ixx, Iyy of a PSF image.
 
     The weight's covariance is iterated to twice the weighted moments; at the fixed point it
     equals the covariance of a Gaussian PSF (as LSST's `computeShape` / HSM adaptive moments).
 
     Arguments:
-        image: the PSF image, odd-sized and centred.
+        image: the PSF image, odd-sized and centred; leading axes are a batch of images.
         n_iter: iterations (static); 40 converge to float64 precision for well-sampled PSFs.
+        xp: `jax.numpy` (traceable, differentiable) or `numpy`, for concrete images on the host: the same
+            iteration without compiling a program for each PSF size, dtype and batch.
 
     Returns:
-        (Ixx, Iyy) in pixels², NaN when the iteration fails (e.g. an empty image).
+        (Ixx, Iyy) in pixels² (the batch's shape), NaN when the iteration fails (e.g. an empty image).
     """
-    ny, nx = image.shape
-    dtype = jnp.result_type(image.dtype, jnp.float32)
-    img = image.astype(dtype)
-    yy, xx = jnp.meshgrid(
-        jnp.arange(ny, dtype=dtype) - (ny - 1) / 2, jnp.arange(nx, dtype=dtype) - (nx - 1) / 2, indexing="ij"
+    ny, nx = image.shape[-2:]
+    dtype = xp.result_type(image.dtype, xp.float32)
+    img = xp.asarray(image).astype(dtype)
+    yy, xx = xp.meshgrid(
+        xp.arange(ny, dtype=dtype) - (ny - 1) / 2, xp.arange(nx, dtype=dtype) - (nx - 1) / 2, indexing="ij"
     )
-    total = jnp.sum(img)
-    safe_total = jnp.where(total != 0, total, 1.0)
-    ixx0 = jnp.sum(img * xx**2) / safe_total
-    iyy0 = jnp.sum(img * yy**2) / safe_total
-    start = jnp.stack([0.0 * ixx0, 0.0 * ixx0, jnp.clip(ixx0, 0.25, None), 0.0 * ixx0, jnp.clip(iyy0, 0.25, None)])
+    total = xp.sum(img, axis=(-2, -1))
+    safe_total = xp.where(total != 0, total, 1.0)
+    ixx0 = xp.sum(img * xx**2, axis=(-2, -1)) / safe_total
+    iyy0 = xp.sum(img * yy**2, axis=(-2, -1)) / safe_total
+    zero = 0.0 * ixx0
+    start = (zero, zero, xp.clip(ixx0, 0.25, None), zero, xp.clip(iyy0, 0.25, None))
 
     def body(_, state):
-        cx, cy, wxx, wxy, wyy = state
+        cx, cy, wxx, wxy, wyy = (v[..., None, None] for v in state)
         det = wxx * wyy - wxy**2
         dx, dy = xx - cx, yy - cy
         q = (wyy * dx**2 - 2 * wxy * dx * dy + wxx * dy**2) / det
-        w = img * jnp.exp(-0.5 * q)
-        s = jnp.sum(w)
-        mx = jnp.sum(w * xx) / s
-        my = jnp.sum(w * yy) / s
-        dx, dy = xx - mx, yy - my
-        mxx = jnp.sum(w * dx**2) / s
-        mxy = jnp.sum(w * dx * dy) / s
-        myy = jnp.sum(w * dy**2) / s
-        return jnp.stack([mx, my, 2 * mxx, 2 * mxy, 2 * myy])
+        w = img * xp.exp(-0.5 * q)
+        s = xp.sum(w, axis=(-2, -1))
+        moment = lambda f: xp.sum(w * f, axis=(-2, -1)) / s
+        mx, my = moment(xx), moment(yy)
+        dx, dy = xx - mx[..., None, None], yy - my[..., None, None]
+        return mx, my, 2 * moment(dx**2), 2 * moment(dx * dy), 2 * moment(dy**2)
 
-    state = lax.fori_loop(0, n_iter, body, start)
+    if xp is np:
+        state = start
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # a failed iteration ends in NaN
+            for i in range(n_iter):
+                state = body(i, state)
+    else:
+        state = lax.fori_loop(0, n_iter, body, start)
     ixx, iyy = state[2], state[4]
-    ok = jnp.isfinite(ixx) & jnp.isfinite(iyy) & (ixx > 0) & (iyy > 0)
-    return jnp.where(ok, ixx, jnp.nan), jnp.where(ok, iyy, jnp.nan)
+    ok = xp.isfinite(ixx) & xp.isfinite(iyy) & (ixx > 0) & (iyy > 0)
+    return xp.where(ok, ixx, xp.nan), xp.where(ok, iyy, xp.nan)
+
+
+def host_sigma_xy(psf: "Psf", batched: bool = False) -> np.ndarray:
+    """(σx, σy) of a concrete PSF measured on the host (float64 numpy, no compiled program): shape (2,), or
+    (B, 2) for a stacked batch of PSFs (`batched`); NaN where the moments fail."""
+    if isinstance(psf, GaussianPsf):  # its widths are its parameter, as `sigma_xy` says
+        w = np.asarray(psf.width, np.float64)
+        return np.stack([w, w], axis=-1)
+    image = eqx.filter_vmap(lambda p: p.image())(psf) if batched else psf.image()
+    ixx, iyy = adaptive_moments(np.asarray(image, np.float64), xp=np)
+    return np.sqrt(np.stack([ixx, iyy], axis=-1))
 
 
 class Psf(eqx.Module):
@@ -190,30 +207,33 @@ class GridPsf(Psf):
         images = jnp.asarray(images)
         if images.ndim != 4:
             raise ValueError(f"GridPsf images must have shape (gy, gx, k, k), got {tuple(images.shape)}")
-        _check_kernel_image(images[0, 0], "GridPsf node image")
+        # checked on the host when concrete: indexing the device array would compile a program per shape
+        _check_kernel_image(np.asarray(images)[0, 0] if is_concrete(images) else images[0, 0], "GridPsf node image")
         self.images = images
         self.box = jnp.asarray(box, dtype=images.dtype)
 
     def image(self, x=None, y=None) -> Kernel:
+        # numpy for concrete values: a host call (plan, quality figures) compiles no program per operation
+        xp = np if is_concrete((self.images, self.box, x, y)) else jnp
         gy, gx = self.images.shape[:2]
-        x0, y0, x1, y1 = self.box
+        x0, y0, x1, y1 = (xp.asarray(self.box)[i] for i in range(4))
         x = 0.5 * (x0 + x1) if x is None else x
         y = 0.5 * (y0 + y1) if y is None else y
-        fx = jnp.clip((x - x0) / jnp.where(x1 > x0, x1 - x0, 1.0) * (gx - 1), 0, gx - 1)
-        fy = jnp.clip((y - y0) / jnp.where(y1 > y0, y1 - y0, 1.0) * (gy - 1), 0, gy - 1)
-        ix = jnp.clip(jnp.floor(fx).astype(int), 0, max(gx - 2, 0))
-        iy = jnp.clip(jnp.floor(fy).astype(int), 0, max(gy - 2, 0))
+        fx = xp.clip((x - x0) / xp.where(x1 > x0, x1 - x0, 1.0) * (gx - 1), 0, gx - 1)
+        fy = xp.clip((y - y0) / xp.where(y1 > y0, y1 - y0, 1.0) * (gy - 1), 0, gy - 1)
+        ix = xp.clip(xp.floor(fx).astype(int), 0, max(gx - 2, 0))
+        iy = xp.clip(xp.floor(fy).astype(int), 0, max(gy - 2, 0))
         tx, ty = fx - ix, fy - iy
-        ix1 = jnp.minimum(ix + 1, gx - 1)
-        iy1 = jnp.minimum(iy + 1, gy - 1)
-        im = self.images
+        ix1 = xp.minimum(ix + 1, gx - 1)
+        iy1 = xp.minimum(iy + 1, gy - 1)
+        im = xp.asarray(self.images)
         img = (
             (1 - tx) * (1 - ty) * im[iy, ix]
             + tx * (1 - ty) * im[iy, ix1]
             + (1 - tx) * ty * im[iy1, ix]
             + tx * ty * im[iy1, ix1]
         )
-        return img / jnp.sum(img)
+        return img / xp.sum(img)
 
     @property
     def size(self) -> int:

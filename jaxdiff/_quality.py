@@ -9,16 +9,14 @@ on host (numpy, after one `jax.device_get`), once per task call.
 
 import warnings
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ._config import SubtractConfig
 from ._errors import BadSubtractionError
 from ._exposure import Exposure
 from ._mask import bitmask
-from ._psf import FWHM_PER_SIGMA, Psf
+from ._psf import FWHM_PER_SIGMA, Psf, host_sigma_xy
 from ._sources import Sources
 
 _AB_NJY = 31.4  # AB magnitude of 1 nJy
@@ -26,16 +24,11 @@ _NSIGMA = 5.0  # limiting magnitudes are for 5σ point sources, as ip_diffim's
 _EXCLUDED = ("NO_DATA", "BAD", "SAT", "SAT_TEMPLATE", "EDGE", "CR", "INTRP")  # pixels kept out of the figures
 
 
-@eqx.filter_jit
-def _sigma_xy(psf: Psf):
-    return jnp.stack(psf.sigma_xy())
-
-
 def psf_widths(psf: Psf | None):
     """(σx, σy) in pixels as Python floats (adaptive moments), or None without a PSF or when they fail."""
     if psf is None:
         return None
-    w = np.asarray(jax.device_get(_sigma_xy(psf)), dtype=np.float64)
+    w = host_sigma_xy(psf)
     return (float(w[0]), float(w[1])) if np.all(np.isfinite(w)) else None
 
 

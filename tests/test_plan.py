@@ -169,8 +169,8 @@ def test_a_stream_of_new_pairs_compiles_once_per_image_size():
     assert sum(counts[2:]) == 0, (counts, programs)
     # the task runs the core through the store of exported programs (`jaxdiff._programs`), named "core"
     assert programs["jit(core)"] == 1 and programs["jit(_detection_maps)"] == 1, programs
-    # besides those two, only programs whose shapes do not follow the image (PSF moments on the PSF images)
-    assert set(programs) <= {"jit(core)", "jit(_detection_maps)", "jit(_batch_widths)", "jit(_sigma_xy)"}, programs
+    # and nothing else: PSF widths for the plan and the quality figures are measured on the host
+    assert set(programs) == {"jit(core)", "jit(_detection_maps)"}, programs
 
 
 @pytest.mark.slow
@@ -202,8 +202,8 @@ def test_a_second_process_reads_the_persistent_cache(tmp_path):
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
         runs.append([int(v) for v in out.stdout.split()[-2:]])
     (first_compiles, first_hits), (second_compiles, second_hits) = runs
-    assert first_compiles >= 2 and first_hits == 0
-    assert second_hits >= 2 and second_compiles < first_compiles
+    assert first_compiles >= 1 and first_hits == 0
+    assert second_hits >= 1 and second_compiles == 0  # PSF widths are measured on the host: no other program
     assert any(p.suffix != ".lockfile" for p in (tmp_path / "xla").iterdir())
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxdiff as jd
-from jaxdiff._psf import FWHM_PER_SIGMA, adaptive_moments, gaussian_image
+from jaxdiff._psf import FWHM_PER_SIGMA, adaptive_moments, gaussian_image, host_sigma_xy
 from tests.utils import assert_allclose
 
 
@@ -62,6 +62,23 @@ def test_adaptive_moments_ignore_offset_centre():
 def test_adaptive_moments_of_empty_image_are_nan():
     ixx, iyy = adaptive_moments(jnp.zeros((9, 9)))
     assert np.isnan(ixx) and np.isnan(iyy)
+
+
+def test_host_moments_equal_the_traced_ones():
+    """The host path (numpy, used by the plan and the quality figures so that they compile nothing) gives the
+    traced moments, for one image, a batch with an empty image in it, and each PSF model."""
+    images = np.stack([gaussian_image(1.3, 2.4, 25, dx=0.3), gaussian_image(3.1, 2.2, 25), np.zeros((25, 25))])
+    host = np.stack(adaptive_moments(images.astype(np.float64), xp=np), axis=-1)
+    traced = np.stack(jax.vmap(adaptive_moments)(jnp.asarray(images)), axis=-1)
+    assert np.isnan(host[2]).all() and np.isnan(traced[2]).all()
+    assert_allclose(host[:2], traced[:2], rtol=1e-5)  # float64 on the host, float32 traced
+    for psf in (jd.GaussianPsf(1.4, 15), jd.ImagePsf(gaussian_image(1.1, 1.5, 15)), _grid_psf()):
+        assert_allclose(host_sigma_xy(psf), np.asarray(jnp.stack(psf.sigma_xy())), rtol=1e-5)
+    grid = _grid_psf()
+    for xy in ((10.0, 40.0), (None, None)):  # the grid's host interpolation is the traced one
+        assert_allclose(grid.image(*xy), jax.jit(lambda p, xy=xy: p.image(*xy))(grid), rtol=1e-6)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), jd.GaussianPsf(1.2, 9), jd.GaussianPsf(2.0, 9))
+    assert_allclose(host_sigma_xy(stacked, batched=True), [[1.2, 1.2], [2.0, 2.0]], rtol=1e-6)
 
 
 def test_gaussian_psf_jit_vmap_and_grad():
