@@ -1,5 +1,6 @@
 """Decorrelation of a difference image (`finalize`, ALGORITHM §11–12), shared by the core and the task."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -9,7 +10,7 @@ from ._exposure import Exposure
 from ._kernel import SpatialKernel
 from ._mask import plane_bit
 from ._psf import ImagePsf
-from ._stats import clipped_mean_std, standard_good
+from ._stats import _subsample, clipped_mean_std, standard_good
 from ._types import select, solve_dtype
 
 _LEVEL_SAMPLES = 2**16  # the variance planes are smooth: a regular subsample of 65k pixels fixes their level
@@ -20,6 +21,14 @@ def variance_level(variance, good):
     """Clipped mean of a variance plane over good pixels (the svar / tvar of ALGORITHM §11)."""
     mean, _, _ = clipped_mean_std(variance, good, max_samples=_LEVEL_SAMPLES)
     return mean
+
+
+def variance_levels(planes, goods):
+    """`variance_level` of each of several planes of one shape, with one copy of the clipping in the program
+    (vmapped over their subsamples, which `clipped_mean_std` would take): the same values."""
+    samples = [_subsample(v, g, _LEVEL_SAMPLES) for v, g in zip(planes, goods, strict=True)]
+    values, keep = (jnp.stack(a) for a in zip(*samples, strict=True))
+    return tuple(jax.vmap(lambda v, g: clipped_mean_std(v, g)[0])(values, keep))
 
 
 def decorrelate_arrays(
@@ -57,8 +66,7 @@ def decorrelate_arrays(
     Returns:
         (image, variance, psf) of the decorrelated difference; the PSF is P ∗ c renormalised.
     """
-    v_u = variance_level(var_u, good_u)
-    v_c = variance_level(var_c, good_c)
+    v_u, v_c = variance_levels((var_u, var_c), (good_u, good_c))
     k0 = kernel.coefficients[0, 0]
     kept = jnp.isfinite(diff_img) if excluded is None else jnp.isfinite(diff_img) & ~excluded
     diff_in = jnp.where(kept, diff_img, jnp.nan)

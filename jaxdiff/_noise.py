@@ -38,6 +38,7 @@ from jax import lax
 from ._mask import bitmask
 from ._stats import _IQR_TO_SIGMA, median_background, quantile_masked, usable
 from ._types import Bool, Image
+from .convolve import next_fast_len
 
 THRESHOLD = 5.0  # detection threshold on the PSF-smoothed S/N image (LSST thresholdValue)
 GROW = 2.4  # footprint growth in units of the PSF σ (LSST nSigmaToGrow)
@@ -68,14 +69,16 @@ def _block_sums(a, b: int):
 
 
 def _smooth(a, g):
-    """a convolved with the separable 1-D kernel g (odd length, static) along both axes, zero outside: a sum of
-    shifted copies (XLA's CPU convolution of a vmapped 1-D kernel was 10× slower)."""
-    h = g.shape[0] // 2
-    ny, nx = a.shape
-    p = jnp.pad(a, ((0, 0), (h, h)))
-    a = sum(g[j] * p[:, j : j + nx] for j in range(2 * h + 1))
-    p = jnp.pad(a, ((h, h), (0, 0)))
-    return sum(g[j] * p[j : j + ny, :] for j in range(2 * h + 1))
+    """a (..., ny, nx) convolved along both axes with the symmetric 1-D kernels g (..., 2h + 1), zero outside
+    the array ("same" output), through one FFT of the stacked inputs. A sum of 2h + 1 shifted copies per axis
+    gave the same values but put hundreds of operations into the program (compile time)."""
+    h = g.shape[-1] // 2
+    ny, nx = a.shape[-2:]
+    shape = (next_fast_len(ny + 2 * h), next_fast_len(nx + 2 * h))
+    gy = jnp.fft.fft(g, shape[0])[..., :, None]
+    gx = jnp.fft.rfft(g, shape[1])[..., None, :]
+    out = jnp.fft.irfft2(jnp.fft.rfft2(a, shape) * gy * gx, shape)
+    return out[..., h : h + ny, h : h + nx].astype(a.dtype)
 
 
 def _grow(mask, radius):
@@ -144,8 +147,7 @@ def source_footprints(
     offsets = jnp.arange(-hb, hb + 1, dtype=dt)
     g = jnp.exp(-0.5 * (offsets * b / sigma) ** 2)
     g = g / jnp.sum(g)
-    num = _smooth(resid, g)
-    den = _smooth(var_mean, g * g)
+    num, den = _smooth(jnp.stack([resid, var_mean]), jnp.stack([g, g * g]))
     snr = jnp.where(ok_b & (den > 0), num / jnp.sqrt(jnp.where(den > 0, den, 1.0)), 0.0)
     q25, q75 = quantile_masked(snr, ok_b, jnp.array([0.25, 0.75]), max_samples=2**16)
     scale = jnp.where(jnp.isfinite(q75 - q25), _IQR_TO_SIGMA * (q75 - q25), 1.0)

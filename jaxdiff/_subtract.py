@@ -23,7 +23,7 @@ from ._background import BackgroundModel
 from ._config import SubtractConfig
 from ._errors import RESULTS
 from ._exposure import Exposure
-from ._finalize import decorrelate_arrays, edge_pixels, variance_level
+from ._finalize import decorrelate_arrays, edge_pixels, variance_levels
 from ._fit import FitResult, StampData, fit_kernel
 from ._image_fit import fit_whole_image
 from ._kernel import SpatialKernel
@@ -561,7 +561,7 @@ def difference(prep: Prepared, sel: Selection, fitted: Fitted, config: SubtractC
         )
     else:
         d_img, d_var = diff_img, diff_var
-        v_u, v_c = variance_level(var_u, good_u), variance_level(var_c, good_c)
+        v_u, v_c = variance_levels((var_u, var_c), (good_u, good_c))
     svar, tvar = select(is_t, (v_u, v_c), (v_c, v_u))
     diff = Exposure(
         d_img.astype(img_dtype),

@@ -103,9 +103,10 @@ def _poly_coefficients(w: Float[Array, "q n"], degree: int) -> Float[Array, "q d
     nodes = np.unique(np.round((n - 1) / 2 * (1 - np.cos(np.pi * (np.arange(d + 1) + 0.5) / (d + 1)))).astype(int))
     if nodes.size < d + 1:  # tiny axis: use its first d + 1 pixels
         nodes = np.arange(d + 1)
-    powers, _ = _monomials(n, d, w.dtype)
-    vander = powers[:, nodes].T  # (d + 1 nodes, d + 1 powers)
-    coef = jnp.linalg.solve(vander, w[:, nodes].T).T
+    c, s = (n - 1) / 2, max((n - 1) / 2, 1.0)  # as `_monomials`
+    vander = ((nodes - c) / s)[:, None] ** np.arange(d + 1)[None, :]  # (d + 1 nodes, d + 1 powers)
+    # the system is static: its inverse is a constant of the program, not a solve compiled into it
+    coef = w[:, nodes] @ jnp.asarray(np.linalg.inv(vander).T, w.dtype)
     return jnp.pad(coef, ((0, 0), (0, degree - d)))
 
 

@@ -167,3 +167,15 @@ def test_decorrelate_jit_equals_eager_without_retrace(rng):
     for a, b in zip(jitted(image, jnp.asarray(3.0)), decorrelate(image, ones, ones, kernel, 1.0, 3.0), strict=True):
         assert_allclose(a, b, rtol=0, atol=1e-12)
     jitted(image * 2, jnp.asarray(4.0))
+
+
+def test_variance_levels_equal_separate_levels():
+    from jaxdiff._finalize import variance_level, variance_levels
+
+    rng = np.random.default_rng(3)
+    planes = [rng.gamma(5.0, s, size=(300, 310)).astype(np.float32) for s in (1.0, 4.0)]
+    goods = [rng.uniform(size=(300, 310)) > f for f in (0.1, 0.6)]
+    together = variance_levels(planes, goods)
+    for level, v, g in zip(together, planes, goods, strict=True):
+        assert float(level) == float(variance_level(v, g))
+    assert abs(float(together[1]) / float(together[0]) - 4.0) < 0.1

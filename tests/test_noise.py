@@ -184,3 +184,19 @@ def test_kernel_sources_are_excluded():
     fp = np.asarray(_noise.source_footprints(img, jnp.ones((n, n)), jnp.ones((n, n), bool), 2.0, xy, half=8))
     assert fp[30, 20] and fp[30 + 5, 20 - 5] and not fp[30 + 7, 20]
     assert not fp[10, 50]  # invalid source
+
+
+def test_smoothing_equals_the_shifted_sum():
+    """The footprint smoothing (one FFT of the stacked planes) is the separable sum of shifted copies, zero
+    outside the array, for each plane with its own kernel."""
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(2, 37, 52))
+    a[0, 3, 50] = 40.0  # a bright pixel at the edge: no wrap-around
+    offsets = np.arange(-4, 5)
+    g = np.stack([np.exp(-0.5 * (offsets / s) ** 2) for s in (1.3, 2.2)])
+    got = np.asarray(_noise._smooth(jnp.asarray(a), jnp.asarray(g)))
+    for plane, kernel, out in zip(a, g, got, strict=True):
+        p = np.pad(plane, 4)
+        rows = sum(kernel[j] * p[:, j : j + 52] for j in range(9))
+        want = sum(kernel[j] * rows[j : j + 37, :] for j in range(9))
+        np.testing.assert_allclose(out, want, atol=1e-10)
