@@ -82,7 +82,10 @@ def host_sigma_xy(psf: "Psf", batched: bool = False) -> np.ndarray:
     if isinstance(psf, GaussianPsf):  # its widths are its parameter, as `sigma_xy` says
         w = np.asarray(psf.width, np.float64)
         return np.stack([w, w], axis=-1)
-    image = eqx.filter_vmap(lambda p: p.image())(psf) if batched else psf.image()
+    if batched:
+        image = eqx.filter_vmap(lambda p: p.image())(psf)
+    else:
+        image = psf._interpolate(None, None, np) if isinstance(psf, GridPsf) else psf.image()
     ixx, iyy = adaptive_moments(np.asarray(image, np.float64), xp=np)
     return np.sqrt(np.stack([ixx, iyy], axis=-1))
 
@@ -213,8 +216,10 @@ class GridPsf(Psf):
         self.box = jnp.asarray(box, dtype=images.dtype)
 
     def image(self, x=None, y=None) -> Kernel:
-        # numpy for concrete values: a host call (plan, quality figures) compiles no program per operation
-        xp = np if is_concrete((self.images, self.box, x, y)) else jnp
+        return self._interpolate(x, y, jnp)
+
+    def _interpolate(self, x, y, xp):
+        """`image` with `xp` = jax.numpy, or numpy for the host (no eager program per operation)."""
         gy, gx = self.images.shape[:2]
         x0, y0, x1, y1 = (xp.asarray(self.box)[i] for i in range(4))
         x = 0.5 * (x0 + x1) if x is None else x
@@ -233,7 +238,7 @@ class GridPsf(Psf):
             + (1 - tx) * ty * im[iy1, ix]
             + tx * ty * im[iy1, ix1]
         )
-        return img / xp.sum(img)
+        return (img / xp.sum(img)).astype(self.images.dtype)
 
     @property
     def size(self) -> int:
