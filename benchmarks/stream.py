@@ -106,7 +106,7 @@ def _worker(path: Path) -> dict:
         result = task.run(template, science, sources if spec["sources"] else None)
         wall = time.perf_counter() - t0
         n_compiles, n_hits, compile_s = len(compiles) - c0, len(hits) - h0, float(sum(compiles[c0:]))
-        diff = result.difference  # (drawing its PSF image below compiles small programs: counted above already)
+        diff = result.difference
         bad = (np.asarray(diff.mask) & bench._bad_bits(diff.mask_planes)) != 0
         q = harness.quality(
             np.asarray(diff.image),

@@ -8,7 +8,7 @@ import numpy as np
 
 from ._mask import PlaneTable, as_plane_table
 from ._psf import Psf, as_psf
-from ._types import Array, Float, Image, Int, MaskImage, is_concrete
+from ._types import Array, Float, Image, Int, MaskImage, is_concrete, to_jax
 
 
 def _native(x):
@@ -19,7 +19,7 @@ def _native(x):
 
 
 def _as_float(x, name: str):
-    arr = jnp.asarray(_native(x))
+    arr = to_jax(_native(x))
     if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
         raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     if not jnp.issubdtype(arr.dtype, jnp.floating):
@@ -60,7 +60,7 @@ class Exposure(eqx.Module):
         if mask is None:
             mask = jnp.zeros(image.shape, jnp.int32)
         else:
-            mask = jnp.asarray(_native(mask))
+            mask = to_jax(_native(mask))
             if not jnp.issubdtype(mask.dtype, jnp.integer):
                 if is_concrete(mask) and not np.array_equal(np.asarray(mask), np.round(np.asarray(mask))):
                     raise ValueError(f"mask must hold integer bits, got dtype {mask.dtype} with fractions")
@@ -68,7 +68,7 @@ class Exposure(eqx.Module):
             mask = mask.astype(jnp.int32)
             if mask.shape != image.shape:
                 raise ValueError(f"mask shape {tuple(mask.shape)} does not match image shape {tuple(image.shape)}")
-        xy0 = jnp.asarray(xy0)
+        xy0 = to_jax(xy0)
         if xy0.shape[-1:] != (2,):
             raise ValueError(f"xy0 must be (x0, y0), got shape {tuple(xy0.shape)}")
         if not jnp.issubdtype(xy0.dtype, jnp.integer):

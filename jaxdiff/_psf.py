@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._types import Array, Float, Kernel, Scalar, is_concrete
+from ._types import Array, Float, Kernel, Scalar, is_concrete, to_jax
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
@@ -142,7 +142,7 @@ class ImagePsf(Psf):
     array: Float[Array, "k k"]
 
     def __init__(self, array):
-        array = jnp.asarray(array)
+        array = to_jax(array)
         if not jnp.issubdtype(array.dtype, jnp.floating):
             array = array.astype(jnp.float32)
         _check_kernel_image(array, "PSF image")
@@ -207,7 +207,7 @@ class GridPsf(Psf):
     box: Float[Array, "4"]
 
     def __init__(self, images, box):
-        images = jnp.asarray(images)
+        images = to_jax(images)
         if images.ndim != 4:
             raise ValueError(f"GridPsf images must have shape (gy, gx, k, k), got {tuple(images.shape)}")
         # checked on the host when concrete: indexing the device array would compile a program per shape

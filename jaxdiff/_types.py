@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 Image = Float[Array, "ny nx"]
@@ -29,6 +30,12 @@ def float_dtype(x=None):
     if x is not None and jnp.issubdtype(jnp.result_type(x), jnp.floating):
         return jnp.result_type(x)
     return jnp.float32
+
+
+def to_jax(x):
+    """`x` as a jax array. A numpy array goes by `jax.device_put`: `jnp.asarray` of one compiles a small copy
+    program for each shape and dtype (five for an `Exposure` read from FITS), which a fresh process pays again."""
+    return jax.device_put(x) if isinstance(x, np.ndarray) else jnp.asarray(x)
 
 
 def is_concrete(tree) -> bool:

@@ -155,3 +155,28 @@ def test_fractional_xy0_raises():
 def test_one_dimensional_image_raises():
     with pytest.raises(ValueError, match="image must be 2-D"):
         jd.Exposure(np.zeros(5), np.ones(5))
+
+
+def test_exposure_from_numpy_compiles_nothing_per_shape():
+    """Numpy planes go to the device without a program per shape and dtype (`jnp.asarray` compiled five for an
+    exposure read from FITS: a fresh process paid them for every new image size)."""
+    from jax import monitoring
+
+    def build(shape):
+        rng = np.random.default_rng(0)
+        psf = np.zeros((9, 9), np.float32)
+        psf[4, 4] = 1.0
+        planes = rng.normal(size=shape).astype(np.float32), np.ones(shape, np.float32)
+        return jd.Exposure(*planes, np.zeros(shape, np.int32), psf, xy0=np.array([3, 4]))
+
+    build((5, 6))  # scalars (calibration) compile once per process, whatever the image size
+    events = []
+
+    def on_duration(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(event)
+
+    monitoring.register_event_duration_secs_listener(on_duration)
+    exposure = build((37, 43))
+    assert exposure.image.shape == (37, 43) and exposure.xy0.dtype == jnp.int32
+    assert events == []
