@@ -77,17 +77,9 @@ def adaptive_moments(image: Kernel, n_iter: int = 40, xp=jnp) -> tuple[Scalar, S
 
 
 def host_sigma_xy(psf: "Psf", batched: bool = False) -> np.ndarray:
-    """(σx, σy) of a concrete PSF measured on the host (float64 numpy, no compiled program): shape (2,), or
-    (B, 2) for a stacked batch of PSFs (`batched`); NaN where the moments fail."""
-    if isinstance(psf, GaussianPsf):  # its widths are its parameter, as `sigma_xy` says
-        w = np.asarray(psf.width, np.float64)
-        return np.stack([w, w], axis=-1)
-    if batched:
-        image = eqx.filter_vmap(lambda p: p.image())(psf)
-    else:
-        image = psf._interpolate(None, None, np) if isinstance(psf, GridPsf) else psf.image()
-    ixx, iyy = adaptive_moments(np.asarray(image, np.float64), xp=np)
-    return np.sqrt(np.stack([ixx, iyy], axis=-1))
+    """(σx, σy) of a concrete PSF at its centre, measured on the host (float64 numpy, no compiled program):
+    shape (2,), or (B, 2) for a stacked batch of PSFs (`batched`); NaN where the moments fail."""
+    return psf._host_sigma_xy(batched)
 
 
 class Psf(eqx.Module):
@@ -101,6 +93,16 @@ class Psf(eqx.Module):
         """Gaussian-equivalent widths (√Ixx, √Iyy) in pixels from adaptive second moments."""
         ixx, iyy = adaptive_moments(self.image(x, y))
         return jnp.sqrt(ixx), jnp.sqrt(iyy)
+
+    def _host_image(self) -> np.ndarray:
+        """The centre image as a numpy array (models override it where `image` would run eager jax ops)."""
+        return np.asarray(self.image())
+
+    def _host_sigma_xy(self, batched: bool) -> np.ndarray:
+        """`sigma_xy` at the centre on the host, (2,) or (B, 2) for a stacked batch (see `host_sigma_xy`)."""
+        image = np.asarray(eqx.filter_vmap(lambda p: p.image())(self)) if batched else self._host_image()
+        ixx, iyy = adaptive_moments(image.astype(np.float64), xp=np)
+        return np.sqrt(np.stack([ixx, iyy], axis=-1))
 
     def sigma(self, x=None, y=None) -> Scalar:
         """Gaussian-equivalent width in pixels, √((Ixx + Iyy)/2)."""
@@ -190,6 +192,10 @@ class GaussianPsf(Psf):
         del x, y
         return self.width, self.width
 
+    def _host_sigma_xy(self, batched: bool) -> np.ndarray:
+        w = np.asarray(self.width, np.float64)
+        return np.stack([w, w], axis=-1)
+
     @property
     def size(self) -> int:
         return self._size
@@ -217,6 +223,9 @@ class GridPsf(Psf):
 
     def image(self, x=None, y=None) -> Kernel:
         return self._interpolate(x, y, jnp)
+
+    def _host_image(self) -> np.ndarray:
+        return self._interpolate(None, None, np)
 
     def _interpolate(self, x, y, xp):
         """`image` with `xp` = jax.numpy, or numpy for the host (no eager program per operation)."""

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._types import Array, Bool, Float, is_concrete
+from ._types import Array, Bool, Float, is_concrete, to_jax
 
 _X_COLUMNS = ("x", "slot_Centroid_x", "centroid_x", "xcentroid", "X_IMAGE")
 _Y_COLUMNS = ("y", "slot_Centroid_y", "centroid_y", "ycentroid", "Y_IMAGE")
@@ -56,8 +56,7 @@ class Sources(eqx.Module):
         for name, arr in (("flux", flux), ("valid", valid)):
             if arr.shape != x.shape:
                 raise ValueError(f"Sources {name} shape {tuple(arr.shape)} does not match x shape {tuple(x.shape)}")
-        # device_put, not jnp.asarray: the latter compiles a small program per length and dtype
-        self.x, self.y, self.flux, self.valid = (jax.device_put(a) if xp is np else a for a in (x, y, flux, valid))
+        self.x, self.y, self.flux, self.valid = (to_jax(a) for a in (x, y, flux, valid))
 
     def __len__(self) -> int:
         return int(self.x.shape[-1])

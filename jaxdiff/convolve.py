@@ -85,11 +85,12 @@ def _kernel_spectra(kernels: Float[Array, "q k k"], plan, dtype):
     return jnp.fft.rfft2(jnp.roll(padded, (-h, -h), axis=(-2, -1)))
 
 
-def _monomials(n: int, degree: int, dtype):
-    """ξ^m for m = 0..degree on an axis of n pixels, ξ = (i − c)/s ∈ [−1, 1] (c, s: centre and half length)."""
+def _monomials(n: int, degree: int, dtype, xp=jnp):
+    """ξ^m for m = 0..degree on an axis of n pixels, ξ = (i − c)/s ∈ [−1, 1] (c, s: centre and half length);
+    `xp=numpy` for a constant of the program."""
     c, s = (n - 1) / 2, max((n - 1) / 2, 1.0)
-    xi = (jnp.arange(n, dtype=dtype) - c) / s
-    return jnp.stack([xi**m for m in range(degree + 1)]), s
+    xi = (xp.arange(n, dtype=dtype) - c) / s
+    return xp.stack([xi**m for m in range(degree + 1)]), s
 
 
 def _poly_coefficients(w: Float[Array, "q n"], degree: int) -> Float[Array, "q d"]:
@@ -103,8 +104,8 @@ def _poly_coefficients(w: Float[Array, "q n"], degree: int) -> Float[Array, "q d
     nodes = np.unique(np.round((n - 1) / 2 * (1 - np.cos(np.pi * (np.arange(d + 1) + 0.5) / (d + 1)))).astype(int))
     if nodes.size < d + 1:  # tiny axis: use its first d + 1 pixels
         nodes = np.arange(d + 1)
-    c, s = (n - 1) / 2, max((n - 1) / 2, 1.0)  # as `_monomials`
-    vander = ((nodes - c) / s)[:, None] ** np.arange(d + 1)[None, :]  # (d + 1 nodes, d + 1 powers)
+    powers, _ = _monomials(n, d, np.float64, np)
+    vander = powers[:, nodes].T  # (d + 1 nodes, d + 1 powers)
     # the system is static: its inverse is a constant of the program, not a solve compiled into it
     coef = w[:, nodes] @ jnp.asarray(np.linalg.inv(vander).T, w.dtype)
     return jnp.pad(coef, ((0, 0), (0, degree - d)))
