@@ -142,8 +142,16 @@ def _raw_factors(k: int, sigmas, degrees: tuple[int, ...]) -> tuple[Float[Array,
 
 
 def _orthonormal_rest(flat: Float[Array, "n npix"]) -> tuple[Float[Array, "m npix"], Float[Array, "m m"]]:
-    """Householder QR of rows 1…n−1 (as columns), R's diagonal made positive: (Qᵀ, R)."""
-    q, r = jnp.linalg.qr(flat[1:].T)
+    """Householder QR of rows 1…n−1 (as columns), R's diagonal made positive: (Qᵀ, R).
+
+    The rows have zero sums, but Householder's Q spans their space only to round-off × cond (about 200
+    for the default basis): 3e-5 of a float32 unit vector lies along the constant image. The constant
+    unit vector goes first into the factorisation, so the Q columns after it are orthogonal to it (zero
+    sums) to round-off; R is the block of the rows' own columns.
+    """
+    ones = jnp.full((flat.shape[1], 1), flat.shape[1] ** -0.5, flat.dtype)
+    q, r = jnp.linalg.qr(jnp.concatenate([ones, flat[1:].T], axis=1))
+    q, r = q[:, 1:], r[1:, 1:]
     sign = jnp.where(jnp.diag(r) < 0, -1.0, 1.0).astype(r.dtype)
     return (q * sign[None, :]).T, r * sign[:, None]
 
