@@ -3,6 +3,7 @@
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,13 +19,24 @@ def _native(x):
     return x
 
 
+def _as_type(x, dtype=None):
+    """`x` as a jax array of `dtype` (None: its own). Host data (numpy, Python numbers and lists) is converted
+    on the host and put on the device: a conversion or fill of a jax array compiles a small program for each
+    shape and dtype, which every fresh process pays again."""
+    if isinstance(x, (jax.Array, jax.core.Tracer)):
+        return x if dtype is None else x.astype(dtype)
+    return to_jax(np.asarray(x) if dtype is None else np.asarray(x, dtype))
+
+
+def _dtype(x):
+    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
 def _as_float(x, name: str):
-    arr = to_jax(_native(x))
-    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
-        raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
-    if not jnp.issubdtype(arr.dtype, jnp.floating):
-        arr = arr.astype(jnp.float32)
-    return arr
+    dtype = _dtype(x)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise ValueError(f"{name} must be a real numeric array, got dtype {dtype}")
+    return _as_type(_native(x), None if jnp.issubdtype(dtype, jnp.floating) else np.float32)
 
 
 class Exposure(eqx.Module):
@@ -58,28 +70,26 @@ class Exposure(eqx.Module):
         if variance.shape != image.shape:
             raise ValueError(f"variance shape {tuple(variance.shape)} does not match image shape {tuple(image.shape)}")
         if mask is None:
-            mask = jnp.zeros(image.shape, jnp.int32)
+            zeros = np.zeros if is_concrete(image) else jnp.zeros
+            mask = _as_type(zeros(image.shape, np.int32))
         else:
-            mask = to_jax(_native(mask))
-            if not jnp.issubdtype(mask.dtype, jnp.integer):
+            mask = _native(mask)
+            if not jnp.issubdtype(_dtype(mask), jnp.integer):
                 if is_concrete(mask) and not np.array_equal(np.asarray(mask), np.round(np.asarray(mask))):
-                    raise ValueError(f"mask must hold integer bits, got dtype {mask.dtype} with fractions")
-                mask = mask.astype(jnp.int32)
-            mask = mask.astype(jnp.int32)
+                    raise ValueError(f"mask must hold integer bits, got dtype {_dtype(mask)} with fractions")
+            mask = _as_type(mask, np.int32)
             if mask.shape != image.shape:
                 raise ValueError(f"mask shape {tuple(mask.shape)} does not match image shape {tuple(image.shape)}")
-        xy0 = to_jax(xy0)
-        if xy0.shape[-1:] != (2,):
-            raise ValueError(f"xy0 must be (x0, y0), got shape {tuple(xy0.shape)}")
-        if not jnp.issubdtype(xy0.dtype, jnp.integer):
+        if np.shape(xy0)[-1:] != (2,):
+            raise ValueError(f"xy0 must be (x0, y0), got shape {tuple(np.shape(xy0))}")
+        if not jnp.issubdtype(_dtype(xy0), jnp.integer):
             if is_concrete(xy0) and not np.array_equal(np.asarray(xy0), np.round(np.asarray(xy0))):
                 raise ValueError(f"xy0 must be integer pixel offsets, got {np.asarray(xy0)!r}")
-            xy0 = xy0.astype(jnp.int32)
         self.image = image
         self.variance = variance
         self.mask = mask
         self.psf = as_psf(psf)
-        self.xy0 = xy0.astype(jnp.int32)
+        self.xy0 = _as_type(xy0, np.int32)
         self.photo_calib = _as_float(photo_calib, "photo_calib")
         self.wcs = wcs
         self.mask_planes = as_plane_table(mask_planes)

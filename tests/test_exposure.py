@@ -159,17 +159,17 @@ def test_one_dimensional_image_raises():
 
 def test_exposure_from_numpy_compiles_nothing_per_shape():
     """Numpy planes go to the device without a program per shape and dtype (`jnp.asarray` compiled five for an
-    exposure read from FITS: a fresh process paid them for every new image size)."""
+    exposure read from FITS, a missing mask compiled a fill and an int16 mask a conversion: a fresh process paid
+    them for every new image size)."""
     from jax import monitoring
 
-    def build(shape):
+    def build(shape, **kwargs):
         rng = np.random.default_rng(0)
         psf = np.zeros((9, 9), np.float32)
         psf[4, 4] = 1.0
         planes = rng.normal(size=shape).astype(np.float32), np.ones(shape, np.float32)
-        return jd.Exposure(*planes, np.zeros(shape, np.int32), psf, xy0=np.array([3, 4]))
+        return jd.Exposure(*planes, psf=psf, **kwargs)
 
-    build((5, 6))  # scalars (calibration) compile once per process, whatever the image size
     events = []
 
     def on_duration(event, duration, **kwargs):
@@ -177,6 +177,14 @@ def test_exposure_from_numpy_compiles_nothing_per_shape():
             events.append(event)
 
     monitoring.register_event_duration_secs_listener(on_duration)
-    exposure = build((37, 43))
-    assert exposure.image.shape == (37, 43) and exposure.xy0.dtype == jnp.int32
+    variants = {
+        (37, 43): dict(mask=np.zeros((37, 43), np.int32), xy0=np.array([3, 4])),
+        (38, 41): dict(xy0=(3, 4), photo_calib=2.5),  # no mask: zeros made on the host
+        (39, 42): dict(mask=np.zeros((39, 42), np.int16), xy0=[1.0, 2.0]),  # converted on the host
+        (40, 44): dict(mask=np.zeros((40, 44), ">i4")),  # FITS byte order
+    }
+    for shape, kwargs in variants.items():
+        exposure = build(shape, **kwargs)
+        assert exposure.image.shape == shape and exposure.mask.dtype == jnp.int32 and exposure.xy0.dtype == jnp.int32
     assert events == []
+    assert exposure.mask.shape == (40, 44) and int(exposure.mask.sum()) == 0
