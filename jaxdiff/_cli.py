@@ -368,8 +368,12 @@ def _subtract(args) -> int:
     if args.precompile:
         done = int(md["kernel_size"])
         print(f"{_PROG}: compiling the programs of the other kernel sides (this one's, {done} px, is compiled)")
-        task._compile_other_sides(
-            template, science, sources, done, lambda side, s: print(f"  kernel side {side} px: {s:.1f} s", flush=True)
+        task.precompile(
+            template,
+            science,
+            sources,
+            lambda side, s: print(f"  kernel side {side} px: {s:.1f} s", flush=True),
+            result=result,
         )
     return 0
 

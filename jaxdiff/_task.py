@@ -93,7 +93,14 @@ class AlardLuptonSubtract(eqx.Module):
             science = dataclasses.replace(science, psf=as_psf(science_psf))
         return self._run(template, science, sources, self.config)
 
-    def precompile(self, template: Exposure, science: Exposure, sources: Sources | None = None, progress=None) -> dict:
+    def precompile(
+        self,
+        template: Exposure,
+        science: Exposure,
+        sources: Sources | None = None,
+        progress=None,
+        result: SubtractResult | None = None,
+    ) -> dict:
         """Compile, ahead of the data, every kernel size's program for pairs laid out like this one.
 
         The kernel side follows the PSF widths to one of `config.kernel_size_buckets`, and a new side means a
@@ -107,15 +114,19 @@ class AlardLuptonSubtract(eqx.Module):
             template, science: an example pair with the production layout (shapes, PSF kind, mask planes).
             sources: as for `run`; the detection program of `sources=None` is compiled either way.
             progress: optional callable(kernel side, seconds), called as each side is done.
+            result: this task's result of `run` on this pair, when it was run already (as `jaxdiff subtract
+                --precompile` does): its kernel side is compiled, so only the others are.
 
         Returns:
-            {kernel side: seconds} for each side compiled (the pair's own side includes the task's run).
+            {kernel side: seconds} for each side compiled here (the pair's own side includes the task's run).
         """
         t0 = time.perf_counter()
-        result = self.run(template, science, sources)
+        ran = result is None
+        if ran:
+            result = self.run(template, science, sources)
         own = int(result.metadata["kernel_size"])
-        seconds = {own: time.perf_counter() - t0}
-        if progress is not None:
+        seconds = {own: time.perf_counter() - t0} if ran else {}
+        if ran and progress is not None:
             progress(own, seconds[own])
         return seconds | self._compile_other_sides(template, science, sources, own, progress)
 
