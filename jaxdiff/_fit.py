@@ -118,7 +118,7 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
         ok = jnp.isfinite(mean) & jnp.isfinite(std)
         return ok & (jnp.abs(mean) <= cfg.candidate_residual_mean_max) & (std <= cfg.candidate_residual_std_max)
 
-    alpha_single = jax.vmap(symmetric_solve)(Ms, bs)
+    alpha_single = symmetric_solve(Ms, bs)
     passed_single = lax.stop_gradient(valid & passes(test(alpha_single)))
     ksum = alpha_single[:, 0]
 
