@@ -7,6 +7,7 @@ difference to the science image in source footprints, raising `BadSubtractionErr
 on host (numpy, after one `jax.device_get`), once per task call.
 """
 
+import concurrent.futures
 import warnings
 
 import jax
@@ -174,15 +175,17 @@ def quality_figures(
         good = np.isfinite(var) & (var > 0) & ((mask & bitmask(e.mask_planes, ("NO_DATA", "BAD", "SAT"))) == 0)
         return limiting_magnitude(var, good, w, float(np.asarray(calib)))
 
-    out = {
-        "science_limiting_magnitude": maglim(science, widths["science"], science.photo_calib),
-        "template_limiting_magnitude": maglim(template, widths["template"], template.photo_calib),
-        "difference_limiting_magnitude": maglim(difference, widths["difference"], difference.photo_calib),
-    }
     ws = widths["science"]
     fwhm = 2.0 * FWHM_PER_SIGMA if ws is None else FWHM_PER_SIGMA * float(np.sqrt(0.5 * (ws[0] ** 2 + ws[1] ** 2)))
-    out.update(footprint_figures(science, difference, sources, fwhm, kernel_size // 2, min_snr))
-    return out
+    # four independent full-image passes (masks, medians, cut-outs): numpy releases the GIL in them, so threads
+    # share them out over the cores
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        maglims = {
+            f"{name}_limiting_magnitude": pool.submit(maglim, e, widths[name], e.photo_calib)
+            for name, e in (("science", science), ("template", template), ("difference", difference))
+        }
+        footprints = pool.submit(footprint_figures, science, difference, sources, fwhm, kernel_size // 2, min_snr)
+        return {key: future.result() for key, future in maglims.items()} | footprints.result()
 
 
 def check_quality(metadata: dict, config: SubtractConfig) -> None:
