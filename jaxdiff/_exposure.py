@@ -3,7 +3,6 @@
 from typing import Any
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -19,15 +18,6 @@ def _native(x):
     return x
 
 
-def _as_type(x, dtype=None):
-    """`x` as a jax array of `dtype` (None: its own). Host data (numpy, Python numbers and lists) is converted
-    on the host and put on the device: a conversion or fill of a jax array compiles a small program for each
-    shape and dtype, which every fresh process pays again."""
-    if isinstance(x, (jax.Array, jax.core.Tracer)):
-        return x if dtype is None else x.astype(dtype)
-    return to_jax(np.asarray(x) if dtype is None else np.asarray(x, dtype))
-
-
 def _dtype(x):
     return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
 
@@ -36,7 +26,7 @@ def _as_float(x, name: str):
     dtype = _dtype(x)
     if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
         raise ValueError(f"{name} must be a real numeric array, got dtype {dtype}")
-    return _as_type(_native(x), None if jnp.issubdtype(dtype, jnp.floating) else np.float32)
+    return to_jax(_native(x), None if jnp.issubdtype(dtype, jnp.floating) else np.float32)
 
 
 class Exposure(eqx.Module):
@@ -71,13 +61,13 @@ class Exposure(eqx.Module):
             raise ValueError(f"variance shape {tuple(variance.shape)} does not match image shape {tuple(image.shape)}")
         if mask is None:
             zeros = np.zeros if is_concrete(image) else jnp.zeros
-            mask = _as_type(zeros(image.shape, np.int32))
+            mask = to_jax(zeros(image.shape, np.int32))
         else:
             mask = _native(mask)
             if not jnp.issubdtype(_dtype(mask), jnp.integer):
                 if is_concrete(mask) and not np.array_equal(np.asarray(mask), np.round(np.asarray(mask))):
                     raise ValueError(f"mask must hold integer bits, got dtype {_dtype(mask)} with fractions")
-            mask = _as_type(mask, np.int32)
+            mask = to_jax(mask, np.int32)
             if mask.shape != image.shape:
                 raise ValueError(f"mask shape {tuple(mask.shape)} does not match image shape {tuple(image.shape)}")
         if np.shape(xy0)[-1:] != (2,):
@@ -89,7 +79,7 @@ class Exposure(eqx.Module):
         self.variance = variance
         self.mask = mask
         self.psf = as_psf(psf)
-        self.xy0 = _as_type(xy0, np.int32)
+        self.xy0 = to_jax(xy0, np.int32)
         self.photo_calib = _as_float(photo_calib, "photo_calib")
         self.wcs = wcs
         self.mask_planes = as_plane_table(mask_planes)

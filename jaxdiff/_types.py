@@ -32,10 +32,14 @@ def float_dtype(x=None):
     return jnp.float32
 
 
-def to_jax(x):
-    """`x` as a jax array. A numpy array goes by `jax.device_put`: `jnp.asarray` of one compiles a small copy
-    program for each shape and dtype (five for an `Exposure` read from FITS), which a fresh process pays again."""
-    return jax.device_put(x) if isinstance(x, np.ndarray) else jnp.asarray(x)
+def to_jax(x, dtype=None):
+    """`x` as a jax array, of `dtype` if given. Host data (numpy arrays, Python numbers and lists) is converted by
+    numpy and put on the device with `jax.device_put`: `jnp.asarray` of it, or a conversion or fill of a jax
+    array, compiles a small program for each shape and dtype (five for an `Exposure` read from FITS), which a
+    fresh process pays again. Jax arrays and tracers are converted with `astype`."""
+    if isinstance(x, (jax.Array, jax.core.Tracer)):
+        return x if dtype is None else x.astype(dtype)
+    return jax.device_put(np.asarray(x, dtype))
 
 
 def is_concrete(tree) -> bool:
