@@ -65,11 +65,11 @@ class Plan:
     fit_region: str = "stamps"
 
 
-def facts(template: Exposure, science: Exposure) -> dict:
+def facts(template: Exposure, science: Exposure, data: bool = True) -> dict:
     """What the shell checks before the core, computed on the host (numpy): no compiled program per image size.
 
     Returns Python values: PSF widths (σx, σy) of both images (None without a PSF), template coverage (§3),
-    whether each image has a usable pixel and how many pixels have an invalid variance.
+    and with `data` those of `data_facts`.
     """
     t_psf, s_psf = template.psf, science.psf
     res = {}
@@ -80,6 +80,12 @@ def facts(template: Exposure, science: Exposure) -> dict:
     else:
         res.update(template_widths=None, science_widths=None)
     res["coverage"] = float(coverage(template, science, np))
+    return res | data_facts(template, science) if data else res
+
+
+def data_facts(template: Exposure, science: Exposure) -> dict:
+    """Whether each image has a usable pixel and how many of its pixels have an invalid variance (host)."""
+    res = {}
     for name, e in (("template", template), ("science", science)):
         image, variance = np.asarray(e.image), np.asarray(e.variance)
         res[f"{name}_usable"] = bool(np.any(usable(image, variance, np)))

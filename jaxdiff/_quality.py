@@ -159,6 +159,7 @@ def quality_figures(
     widths,
     kernel_size: int,
     min_snr: float = 10.0,
+    started: dict | None = None,
 ) -> dict:
     """Limiting magnitudes of the science, template and difference, and the footprint figures.
 
@@ -168,24 +169,37 @@ def quality_figures(
         widths: {"template": (σx, σy) or None, "science": ..., "difference": ...} PSF widths (pixels).
         kernel_size: side of the matching kernel (residual stamps are that wide).
         min_snr: S/N above which a source's footprint enters the ratio.
+        started: the futures of `start_input_figures`, when the caller started them already.
     """
-
-    def maglim(e: Exposure, w, calib):
-        var, mask = (np.asarray(a) for a in jax.device_get((e.variance, e.mask)))
-        good = np.isfinite(var) & (var > 0) & ((mask & bitmask(e.mask_planes, ("NO_DATA", "BAD", "SAT"))) == 0)
-        return limiting_magnitude(var, good, w, float(np.asarray(calib)))
 
     ws = widths["science"]
     fwhm = 2.0 * FWHM_PER_SIGMA if ws is None else FWHM_PER_SIGMA * float(np.sqrt(0.5 * (ws[0] ** 2 + ws[1] ** 2)))
-    # four independent full-image passes (masks, medians, cut-outs): numpy releases the GIL in them, so threads
+    # independent full-image passes (masks, medians, cut-outs): numpy releases the GIL in them, so threads
     # share them out over the cores
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        maglims = {
-            f"{name}_limiting_magnitude": pool.submit(maglim, e, widths[name], e.photo_calib)
-            for name, e in (("science", science), ("template", template), ("difference", difference))
-        }
+        if started is None:
+            started = start_input_figures(template, science, widths, pool)
+        maglims = dict(started)
+        maglims["difference_limiting_magnitude"] = pool.submit(
+            _exposure_limiting_magnitude, difference, widths["difference"]
+        )
         footprints = pool.submit(footprint_figures, science, difference, sources, fwhm, kernel_size // 2, min_snr)
         return {key: future.result() for key, future in maglims.items()} | footprints.result()
+
+
+def start_input_figures(template: Exposure, science: Exposure, widths, pool) -> dict:
+    """The figures of the inputs alone (their limiting magnitudes), submitted to `pool`: {key: future}. The
+    task starts them while the subtraction runs."""
+    return {
+        f"{name}_limiting_magnitude": pool.submit(_exposure_limiting_magnitude, e, widths[name])
+        for name, e in (("science", science), ("template", template))
+    }
+
+
+def _exposure_limiting_magnitude(e: Exposure, sigma_xy) -> float | None:
+    var, mask = (np.asarray(a) for a in jax.device_get((e.variance, e.mask)))
+    good = np.isfinite(var) & (var > 0) & ((mask & bitmask(e.mask_planes, ("NO_DATA", "BAD", "SAT"))) == 0)
+    return limiting_magnitude(var, good, sigma_xy, float(np.asarray(e.photo_calib)))
 
 
 def check_quality(metadata: dict, config: SubtractConfig) -> None:

@@ -1,5 +1,6 @@
 """`AlardLuptonSubtract`: the imperative shell around `jd.subtract` (checks, errors, timing, metadata)."""
 
+import concurrent.futures
 import dataclasses
 import time
 
@@ -16,9 +17,9 @@ from ._exposure import Exposure
 from ._finalize import finalize as _finalize
 from ._kernel import SpatialKernel
 from ._mask import bitmask
-from ._plan import facts, plan_from, psf_size_for
+from ._plan import data_facts, facts, plan_from, psf_size_for
 from ._psf import FWHM_PER_SIGMA, as_psf
-from ._quality import check_quality, psf_widths, quality_figures
+from ._quality import check_quality, psf_widths, quality_figures, start_input_figures
 from ._result import SubtractResult
 from ._sources import Sources
 from ._subtract import core_inputs, restore_wcs, subtract, subtract_staged
@@ -192,15 +193,23 @@ class AlardLuptonSubtract(eqx.Module):
         check_quality(md, cfg)
         return _caller_precision(dataclasses.replace(result, metadata=md))
 
-    def _quality(self, template, science, result, sources, found, kernel_size: int) -> dict:
-        """The quality figures of `_quality` (limiting magnitudes, footprint ratio, per-source residuals)."""
+    def _quality(self, template, science, result, sources, found, kernel_size: int, started=None) -> dict:
+        """The quality figures of `_quality` (limiting magnitudes, footprint ratio, per-source residuals);
+        `started`: the inputs' figures already submitted (`start_input_figures`)."""
         widths = dict(
             template=found["template_widths"],
             science=found["science_widths"],
             difference=psf_widths(result.difference.psf),
         )
         return quality_figures(
-            template, science, result.difference, sources, widths, kernel_size, self.config.detection_snr_range[0]
+            template,
+            science,
+            result.difference,
+            sources,
+            widths,
+            kernel_size,
+            self.config.detection_snr_range[0],
+            started=started,
         )
 
     def run_convolve_template(self, template, science, sources=None) -> SubtractResult:
@@ -252,27 +261,46 @@ class AlardLuptonSubtract(eqx.Module):
         runtime.enter()
         timing = {}
         t0 = time.perf_counter()
-        with jax.enable_x64(True), runtime.single_threaded_blas():
-            psf_size, t_in, s_in, found = _checked_inputs(template, science, cfg)
-            coverage = found["coverage"]
-            if sources is None:
-                sources = _kernel_candidates(s_in, cfg)
-            n_valid = sources.n_valid
-            widths = ([found["template_widths"]], [found["science_widths"]])
-            plan = plan_from(science.shape, len(sources), cfg, widths, psf_size)
-            if n_valid == 0 and plan.fit_region == "stamps":
-                raise _fit_failure(InsufficientKernelSourcesError(0, cfg.min_kernel_sources), coverage, cfg)
-            timing["checks"] = time.perf_counter() - t0
-            src = sources.padded(plan.capacity)
-            if self.staged:
-                result, stage_times = subtract_staged(t_in, s_in, src, cfg, plan, time.perf_counter)
-                timing.update(stage_times)
-            else:
+        # Host work that needs no result runs while XLA computes: the usable-pixel and variance checks (given
+        # sources; detection needs them first) and the inputs' limiting magnitudes.
+        deferred = sources is not None
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+        try:
+            with jax.enable_x64(True), runtime.single_threaded_blas():
+                psf_size, t_in, s_in, found = _checked_inputs(template, science, cfg, defer_data_checks=deferred)
+                coverage = found["coverage"]
+                if sources is None:
+                    sources = _kernel_candidates(s_in, cfg)
+                n_valid = sources.n_valid
+                widths = ([found["template_widths"]], [found["science_widths"]])
+                plan = plan_from(science.shape, len(sources), cfg, widths, psf_size)
+                if n_valid == 0 and plan.fit_region == "stamps":
+                    if deferred:
+                        _check_data(data_facts(t_in, s_in))
+                    raise _fit_failure(InsufficientKernelSourcesError(0, cfg.min_kernel_sources), coverage, cfg)
+                timing["checks"] = time.perf_counter() - t0
+                src = sources.padded(plan.capacity)
                 t1 = time.perf_counter()
-                result = jax.block_until_ready(subtract(t_in, s_in, src, cfg, plan))
-                timing["subtract"] = time.perf_counter() - t1
-            result = restore_wcs(result, science.wcs)
-            md = {k: _plain(v) for k, v in jax.device_get(result.metadata).items()}
+                if self.staged:
+                    result, stage_times = subtract_staged(t_in, s_in, src, cfg, plan, time.perf_counter)
+                    timing.update(stage_times)
+                else:
+                    result = subtract(t_in, s_in, src, cfg, plan)  # dispatched: XLA runs it while the host goes on
+                input_widths = dict(template=found["template_widths"], science=found["science_widths"])
+                started = start_input_figures(template, science, input_widths, pool)
+                if deferred:
+                    try:
+                        _check_data(data_facts(t_in, s_in))
+                    except ValueError:
+                        jax.block_until_ready(result)  # leave no computation running behind the error
+                        raise
+                result = jax.block_until_ready(result)
+                if not self.staged:
+                    timing["subtract"] = time.perf_counter() - t1
+                result = restore_wcs(result, science.wcs)
+                md = {k: _plain(v) for k, v in jax.device_get(result.metadata).items()}
+        finally:
+            pool.shutdown(wait=False)
         status = RESULTS(int(md["status"]))
         if status == RESULTS.insufficient_sources:
             err = InsufficientKernelSourcesError(md["n_stamps"], cfg.min_kernel_sources)
@@ -304,7 +332,7 @@ class AlardLuptonSubtract(eqx.Module):
         )
         t_quality = time.perf_counter()
         with jax.enable_x64(True), runtime.single_threaded_blas():
-            metadata.update(self._quality(template, science, result, sources, found, plan.k))
+            metadata.update(self._quality(template, science, result, sources, found, plan.k, started))
         timing["quality"] = time.perf_counter() - t_quality
         metadata.update({f"timing.{k}": v for k, v in timing.items()})
         check_quality(metadata, cfg)
@@ -317,13 +345,31 @@ def _kernel_candidates(science: Exposure, cfg: SubtractConfig) -> Sources:
     return detect_sources(science, bad, cfg.detection_snr_range, cfg.max_kernel_sources)
 
 
-def _checked_inputs(template: Exposure, science: Exposure, cfg: SubtractConfig):
+def _checked_inputs(template: Exposure, science: Exposure, cfg: SubtractConfig, defer_data_checks: bool = False):
     """The eager checks and the host pre-checks (§3): (PSF side, core inputs, facts); raises on misuse, on
-    images without usable pixels or with invalid variances, and `NoWorkFound` below the required coverage."""
+    images without usable pixels or with invalid variances, and `NoWorkFound` below the required coverage.
+
+    With `defer_data_checks` the usable-pixel and variance checks are left to `_check_data` (the task runs them
+    while the subtraction runs) unless another error is to be raised here: those checks come first.
+    """
     validate(template, science, cfg)
     psf_size = psf_size_for(template, science, cfg)
     t_in, s_in, _ = core_inputs(template, science, None, psf_size=psf_size)
-    found = facts(t_in, s_in)
+    found = facts(t_in, s_in, data=not defer_data_checks)
+    if not defer_data_checks:
+        _check_data(found)
+    if found["coverage"] < cfg.required_template_fraction:
+        if defer_data_checks:
+            _check_data(data_facts(t_in, s_in))
+        raise NoWorkFound(
+            f"template covers {found['coverage']:.1%} of the science image, less than the required "
+            f"{cfg.required_template_fraction:.1%} (required_template_fraction)"
+        )
+    return psf_size, t_in, s_in, found
+
+
+def _check_data(found: dict) -> None:
+    """Raise on an image without usable pixels or with invalid variances (from `data_facts`)."""
     for name in ("template", "science"):
         if not found[f"{name}_usable"]:
             raise ValueError(f"{name} image has no finite pixel with variance > 0")
@@ -332,12 +378,6 @@ def _checked_inputs(template: Exposure, science: Exposure, cfg: SubtractConfig):
                 f"{name} variance must be finite and >= 0 where the image is finite; "
                 f"{found[f'{name}_bad_variance']} pixels are not"
             )
-    if found["coverage"] < cfg.required_template_fraction:
-        raise NoWorkFound(
-            f"template covers {found['coverage']:.1%} of the science image, less than the required "
-            f"{cfg.required_template_fraction:.1%} (required_template_fraction)"
-        )
-    return psf_size, t_in, s_in, found
 
 
 def _plain(value):

@@ -114,6 +114,20 @@ def test_no_work_found_at_low_coverage():
         jd.AlardLuptonSubtract(restrict_kernel_edge_sources=True).run(t, p.science, p.sources)
 
 
+def test_data_checks_come_before_coverage_and_sources():
+    """With given sources the task checks the variance planes while the subtraction runs; an invalid variance
+    is still the error reported when the coverage is too low or no source is valid as well."""
+    p, t = partial_template(0.09)
+    variance = np.array(p.science.variance)
+    variance[20, 30] = -1.0
+    science = eqx.tree_at(lambda e: e.variance, p.science, jnp.asarray(variance))
+    with pytest.raises(ValueError, match="science variance must be finite"):
+        jd.AlardLuptonSubtract().run(t, science, p.sources)
+    none_valid = eqx.tree_at(lambda s: s.valid, p.sources, jnp.zeros_like(p.sources.valid))
+    with pytest.raises(ValueError, match="science variance must be finite"):
+        jd.AlardLuptonSubtract().run(p.template, science, none_valid)
+
+
 @pytest.mark.slow
 def test_no_work_found_after_fit_failure():
     p, t = partial_template(0.15)
