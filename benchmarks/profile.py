@@ -94,7 +94,7 @@ def _trace(compiled, args, hlo: str) -> dict:
     lines, stage_of = source_lines(hlo), stages(hlo)
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(1, user_api="blas"):  # as the task runs it (jaxdiff._runtime)
+    with threadpool_limits(1, user_api="blas"):  # as the task runs it
         jax.block_until_ready(compiled(*args))
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(*args))

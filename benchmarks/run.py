@@ -204,8 +204,6 @@ WORKERS = {"jaxdiff": _worker_jaxdiff, "peer": _worker_peer, "batch": _worker_ba
 
 
 def _peer_inputs(pair) -> dict:
-    from jaxdiff._mask import plane_bit
-
     t, s, src = pair.template, pair.science, pair.sources
     valid = np.asarray(src.valid)
     x0, y0 = (int(v) for v in np.asarray(s.xy0))
@@ -218,7 +216,7 @@ def _peer_inputs(pair) -> dict:
         "sources_y": np.asarray(src.y)[valid] - y0,
         "science_fwhm": float(s.psf.fwhm()),
         "template_fwhm": float(t.psf.fwhm()),
-        "detected_bit": plane_bit(s.mask_planes, "DETECTED"),
+        "detected_bit": dict(s.mask_planes).get("DETECTED"),
         "gain": 1.0,
         "read_noise": 5.0,
     }

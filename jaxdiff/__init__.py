@@ -38,6 +38,7 @@ from . import convolve as convolve
 from . import datasets as datasets
 from . import decorrelate as decorrelate
 from . import forward as forward
+from . import plot as plot
 from . import sim as sim
 from . import solvers as solvers
 from . import spatial as spatial

@@ -167,7 +167,7 @@ from IPython.display import Image
 from scipy import ndimage
 
 from jaxdiff import datasets
-from jaxdiff._plot import diagnostic_figure
+from jaxdiff.plot import diagnostic_figure
 
 FIGURES = Path(os.environ.get("JAXDIFF_FIGURE_DIR", "."))  # where real_data.png goes
 task = jd.AlardLuptonSubtract()"""
@@ -273,7 +273,7 @@ j_res = task.run(j_template, j_science, j_sources)
 jwst = report("JWST", j_template, j_science, j_res, 8, [(279 - BOX[0], 639 - BOX[1], "brightest star")])"""
     ),
     new_markdown_cell(
-        "## Pictures\n\nThe diagnostic page of the DECam subtraction (`jaxdiff._plot.diagnostic_figure`):"
+        "## Pictures\n\nThe diagnostic page of the DECam subtraction (`jaxdiff.plot.diagnostic_figure`):"
     ),
     new_code_cell(
         """template, science, res, _ = decam["DEC-OBS04a"]

@@ -115,3 +115,19 @@ def test_nav_lists_every_page():
     nav = (REPO / "mkdocs.yml").read_text()
     for page in PAGES:
         assert str(page.relative_to(REPO / "docs")) in nav, page
+
+
+PRIVATE = re.compile(r"\bjaxdiff\._[a-z]|\bjd\._[a-z]|from jaxdiff import _")
+
+
+def test_examples_use_public_names_only():
+    """What users copy from (README, docs, notebooks, benchmarks) reaches jaxdiff through public names only."""
+    files = [REPO / "README.md", *PAGES, *(REPO / "notebooks").glob("*.ipynb"), REPO / "notebooks" / "build.py"]
+    files += sorted((REPO / "benchmarks").glob("*.py"))
+    offenders = [
+        f"{path.relative_to(REPO)}:{i}: {line.strip()}"
+        for path in files
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if PRIVATE.search(line)
+    ]
+    assert not offenders, offenders

@@ -10,8 +10,8 @@ import pytest
 import jaxdiff as jd
 from jaxdiff import spatial
 from jaxdiff._kernel import SpatialKernel
-from jaxdiff._plot import diagnostic_figure
 from jaxdiff._psf import gaussian_image
+from jaxdiff.plot import diagnostic_figure
 from jaxdiff.sim import simulate_pair
 
 
