@@ -24,7 +24,7 @@ from ._sources import Sources, capacity_for
 from ._stats import quantile_masked, usable
 from ._subtract import Fitted, Prepared, Selection, core_inputs, difference, prepare, restore_wcs
 from ._types import select, solve_dtype
-from .solvers import symmetric_solve
+from .solvers import condition_number, symmetric_solve
 
 
 def fit_fixed_kernel(prep: Prepared, kernel: SpatialKernel, config: SubtractConfig, fit_flux_scale: bool):
@@ -94,11 +94,10 @@ def fit_fixed_kernel(prep: Prepared, kernel: SpatialKernel, config: SubtractConf
     scale = theta[0] if fit_flux_scale else jnp.ones((), sdt)
     bg = theta[1:] if fit_flux_scale else theta
     kernel = eqx.tree_at(lambda kk: kk.coefficients, kernel, kernel.coefficients * scale.astype(sdt))
-    ev = jnp.linalg.eigvalsh(lax.stop_gradient(G))
     zero = jnp.zeros((), jnp.int32)
     fit = FitResult(
         theta=theta,
-        condition_number=ev[-1] / ev[0],
+        condition_number=condition_number(lax.stop_gradient(G)),
         active=jnp.zeros((1,), bool),
         passed_single=jnp.zeros((1,), bool),
         n_iterations=jnp.asarray(CLIP_PASSES, jnp.int32),

@@ -24,7 +24,7 @@ from ._kernel import SpatialKernel
 from ._prepare import exclusion_bits, output_planes
 from ._stats import quantile_masked, usable
 from ._types import Array, Bool, Float, Image, select, solve_dtype
-from .solvers import symmetric_solve
+from .solvers import condition_number, symmetric_solve
 
 _CLIP_SIGMA = 4.0  # |residual| / σ above which a pixel is left out of the next pass
 _CLIP_GROW = 2  # rejected pixels grow by this many pixels (a transient's wings sit below the threshold)
@@ -227,9 +227,8 @@ def fit_image_kernel(
     cnt = jnp.sum(good)
     mean = jnp.sum(jnp.where(good, r, 0.0)) / jnp.maximum(cnt, 1)
     std = jnp.sqrt(jnp.sum(jnp.where(good, (r - mean) ** 2, 0.0)) / jnp.maximum(cnt - 1, 1))
-    ev = jnp.linalg.eigvalsh(lax.stop_gradient(M))
     stats = dict(
-        condition_number=ev[-1] / ev[0],
+        condition_number=condition_number(lax.stop_gradient(M)),
         residual_mean=mean,
         residual_std=std,
         n_fit_pixels=cnt.astype(jnp.int32),

@@ -137,6 +137,18 @@ def test_orthonormalisation_keeps_the_span_and_is_qr_in_list_order():
     assert np.all(np.diag(r) > 0)
 
 
+def test_orthonormalisation_equals_householder_qr():
+    """The float64 Cholesky QR gives the Q of a Householder QR with R's diagonal made positive."""
+    sig = jnp.asarray((0.7, 1.4, 2.8))
+    for k in (21, 35):
+        ortho = _flat(basis.alard_lupton(k, sig))
+        plain = _flat(basis.alard_lupton(k, sig, orthonormalize=False))
+        ones = np.full((plain.shape[1], 1), plain.shape[1] ** -0.5)
+        q, r = np.linalg.qr(np.concatenate([ones, plain[1:].T], axis=1))
+        q = q * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
+        assert_allclose(ortho[1:], q[:, 1:].T, rtol=0, atol=1e-13)
+
+
 def test_separable_factors_reproduce_the_basis():
     for k, sig, ortho in [(21, SIGMAS, True), (21, SIGMAS, False), (35, (4.539, 9.078, 18.156), True)]:
         fx, fy, mix = basis.alard_lupton_factors(k, jnp.asarray(sig), orthonormalize=ortho)

@@ -74,3 +74,19 @@ def test_under_vmap_equals_the_batched_call(systems):
     Ms[3] = np.diag([1.0, 2.0, 0.0, 3.0, 4.0, 5.0])  # singular: Cholesky fails for this one
     mapped = jax.vmap(symmetric_solve)(jnp.asarray(Ms), jnp.asarray(bs))
     np.testing.assert_allclose(mapped, symmetric_solve(jnp.asarray(Ms), jnp.asarray(bs)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e8])
+def test_condition_number_matches_eigvalsh(cond):
+    """The Cholesky-bisection condition number equals LAPACK's λ_max/λ_min to the round-off both share
+    (about ε·cond); a singular or indefinite matrix gives a negative number, as the fit's warning expects."""
+    from jaxdiff.solvers import condition_number
+
+    rng = np.random.default_rng(int(np.log10(cond)))
+    q, _ = np.linalg.qr(rng.normal(size=(85, 85)))
+    M = (q * (3.7 * np.logspace(0, np.log10(cond), 85))) @ q.T
+    ev = np.linalg.eigvalsh(M)
+    got = float(jax.jit(condition_number)(jnp.asarray(M)))
+    assert got == pytest.approx(ev[-1] / ev[0], rel=max(1e-13, 100 * np.finfo(float).eps * cond))
+    assert float(condition_number(jnp.diag(jnp.array([-1.0, 2.0, 3.0])))) == pytest.approx(-3.0)
+    assert float(condition_number(jnp.diag(jnp.array([0.0, 2.0, 3.0])))) < 0
