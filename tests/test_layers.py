@@ -27,7 +27,7 @@ LAYERS = {
         "datasets",
         "_align",
     },
-    6: {"_cli", "__main__", "__init__", "sim", "lsst"},
+    6: {"_cli", "__main__", "__init__", "sim", "plot", "lsst"},
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 
