@@ -145,22 +145,23 @@ def _orthonormal_rest(flat: Float[Array, "n npix"]) -> tuple[Float[Array, "m npi
     """QR of rows 1…n−1 (as columns), R's diagonal positive: (Qᵀ, R).
 
     The constant unit vector goes first into the factorisation, so the Q columns after it are orthogonal
-    to it (zero sums) to round-off; R is the block of the rows' own columns. The factorisation is
+    to it (zero sums) to round-off; R is the block of the rows' own columns. In float64 the factorisation is
     Cholesky QR applied twice (R = chol(AᵀA), Q = A R⁻¹, then once more on Q): as accurate as Householder
     for a matrix this well conditioned (about 200 for the default basis), and made of a Gram matrix, two
-    small Cholesky factorisations and triangular solves. LAPACK's QR woke BLAS threads that then spun
-    beside XLA's for the rest of the subtraction.
+    small Cholesky factorisations and triangular solves, where LAPACK's QR woke BLAS threads that then spun
+    beside XLA's for the rest of the subtraction. In float32 the Gram matrix's squared condition number is
+    too much, and it is Householder (LAPACK) with R's diagonal made positive.
     """
     ones = jnp.full((flat.shape[1], 1), flat.shape[1] ** -0.5, flat.dtype)
     a = jnp.concatenate([ones, flat[1:].T], axis=1)
-    if a.dtype != jnp.float64:  # the Gram matrix squares the condition number: too much for float32
+    if a.dtype == jnp.float64:
+        q, r1 = _cholesky_qr(a)
+        q, r2 = _cholesky_qr(q)
+        r = r2 @ r1
+    else:
         q, r = jnp.linalg.qr(a)
         sign = jnp.where(jnp.diag(r) < 0, -1.0, 1.0).astype(r.dtype)
         q, r = q * sign[None, :], r * sign[:, None]
-    else:
-        q, r1 = _cholesky_qr(a)
-        q, r2 = _cholesky_qr(q)
-        q, r = q, r2 @ r1
     return q[:, 1:].T, r[1:, 1:]
 
 
