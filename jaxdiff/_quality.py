@@ -8,6 +8,7 @@ on host (numpy, after one `jax.device_get`), once per task call.
 """
 
 import concurrent.futures
+import math
 import warnings
 
 import jax
@@ -22,6 +23,7 @@ from ._sources import Sources
 
 _AB_NJY = 31.4  # AB magnitude of 1 nJy
 _NSIGMA = 5.0  # limiting magnitudes are for 5σ point sources, as ip_diffim's
+_MAGLIM_SAMPLES = 2**18  # pixels whose median variance sets a limiting magnitude
 _EXCLUDED = ("NO_DATA", "BAD", "SAT", "SAT_TEMPLATE", "EDGE", "CR", "INTRP")  # pixels kept out of the figures
 
 
@@ -197,7 +199,13 @@ def start_input_figures(template: Exposure, science: Exposure, widths, pool) -> 
 
 
 def _exposure_limiting_magnitude(e: Exposure, sigma_xy) -> float | None:
+    """`limiting_magnitude` with the median variance of a regular grid of at most `_MAGLIM_SAMPLES` pixels
+    (every s-th row and column): variance planes are smooth, and the full-image median cost 20-25 ms per image
+    at 2048² beside the running subtraction; the grid moved the magnitudes of the benchmark pairs (2048², 4096²)
+    and of the JWST cut-out by at most 0.00014)."""
     var, mask = (np.asarray(a) for a in jax.device_get((e.variance, e.mask)))
+    s = max(1, math.ceil(math.sqrt(var.size / _MAGLIM_SAMPLES)))
+    var, mask = var[::s, ::s], mask[::s, ::s]
     good = np.isfinite(var) & (var > 0) & ((mask & bitmask(e.mask_planes, ("NO_DATA", "BAD", "SAT"))) == 0)
     return limiting_magnitude(var, good, sigma_xy, float(np.asarray(e.photo_calib)))
 

@@ -18,6 +18,7 @@ never by the pure functions.
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
 from pathlib import Path
@@ -28,9 +29,9 @@ from jax import monitoring
 from . import _programs
 
 try:
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import ThreadpoolController
 except ImportError:  # pragma: no cover - threadpoolctl is a dependency; stay usable without it
-    threadpool_limits = None
+    ThreadpoolController = None
 
 CACHE_ENV = "JAXDIFF_CACHE_DIR"
 CACHE_MAX_BYTES = 4 * 2**30
@@ -95,13 +96,21 @@ def _trim_after_compile(event: str, duration: float, **kwargs) -> None:
         release_free_memory()
 
 
+@functools.cache
+def _blas_controller():
+    """The BLAS libraries loaded in this process, found once: a fresh `threadpool_limits` scans every loaded
+    library (2-25 ms per task call while XLA keeps the cores busy), a kept controller sets the limit in
+    microseconds. numpy's OpenBLAS, the one jaxlib's LAPACK calls run on, is loaded before jaxdiff is."""
+    return ThreadpoolController().select(user_api="blas")
+
+
 @contextlib.contextmanager
 def single_threaded_blas():
     """Limit BLAS libraries to one thread inside the block (CPU backend only; a no-op elsewhere)."""
-    if threadpool_limits is None or jax.default_backend() != "cpu":
+    if ThreadpoolController is None or jax.default_backend() != "cpu":
         yield
         return
-    with threadpool_limits(1, user_api="blas"):
+    with _blas_controller().limit(limits=1):
         yield
 
 

@@ -219,6 +219,29 @@ def test_runtime_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     assert _runtime.cache_dir() == tmp_path / "jaxdiff" / "xla"
 
 
+def test_blas_limit_holds_inside_the_block_and_is_restored_after():
+    """The task's one-BLAS-thread block (a controller found once per process) sets and restores the limit,
+    also when nested."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from jaxdiff import _runtime
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("the limit is applied on the CPU backend only")
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    if not before or max(before) < 2:
+        pytest.skip("no multi-threaded BLAS loaded: nothing to limit")
+    with _runtime.single_threaded_blas():
+        assert blas_threads() == [1] * len(before)
+        with _runtime.single_threaded_blas():
+            assert blas_threads() == [1] * len(before)
+        assert blas_threads() == [1] * len(before)
+    assert blas_threads() == before
+
+
 @pytest.mark.parametrize(
     ("dx", "dy", "shape"), [(0, 0, (90, 80)), (7, -5, (90, 80)), (-30, 40, (60, 100)), (200, 0, (90, 80))]
 )
