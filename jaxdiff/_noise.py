@@ -30,8 +30,8 @@ sizes, and is jit/vmap-friendly (the PSF width may be traced).
 """
 
 import math
+from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -106,8 +106,9 @@ def source_footprints(
     threshold: float = THRESHOLD,
     grow: float = GROW,
     max_pixels: int = MAX_PIXELS,
+    blocks: bool = False,
 ) -> Bool:
-    """Grown footprints of the sources on an image, at full resolution (see the module docstring).
+    """Grown footprints of the sources on an image (see the module docstring).
 
     Arguments:
         image, variance: (ny, nx).
@@ -120,9 +121,10 @@ def source_footprints(
         threshold: |S/N| threshold of the smoothed image.
         grow: footprint growth in units of sigma.
         max_pixels: the work runs on b × b blocks, b = `block_size(image.shape, max_pixels)`.
+        blocks: static; return the footprints on the blocks, (⌈ny/b⌉, ⌈nx/b⌉), rather than on the pixels.
 
     Returns:
-        Boolean (ny, nx): True on source pixels.
+        Boolean (ny, nx), or per block with `blocks`: True on source pixels.
     """
     image, variance, sigma = lax.stop_gradient((image, variance, sigma))
     ny, nx = image.shape
@@ -162,15 +164,40 @@ def source_footprints(
         detected = detected.at[row, col].set(True, mode="drop")
     radius = jnp.ceil(grow * sigma / b).astype(jnp.int32)
     grown = _grow(detected, radius)
-    if b > 1:
-        grown = jnp.repeat(jnp.repeat(grown, b, axis=0), b, axis=1)[:ny, :nx]
-    return grown
+    return grown if blocks else _upsampled(grown, b, (ny, nx))
+
+
+def _upsampled(blocks, b: int, shape):
+    """A per-block boolean array on the pixels of `shape` (each block's value on its b × b pixels)."""
+    if b == 1:
+        return blocks
+    return jnp.repeat(jnp.repeat(blocks, b, axis=0), b, axis=1)[: shape[0], : shape[1]]
+
+
+class SourceFree(NamedTuple):
+    """The source footprints of one image, as the noise estimates exclude them (`source_free`).
+
+    Kept per block of b × b pixels (b = `block_size(shape)`): the estimates read the image on a grid of every
+    b-th row and column (`variance_factor`) or on fewer samples (the variance levels), so no pixel-sized
+    footprint image is ever needed.
+    """
+
+    blocks: Bool  # (⌈ny/b⌉, ⌈nx/b⌉): the grown footprints
+    use: Bool  # scalar: exclude them (False when too few pixels would remain)
+
+    def excluded(self, shape: tuple[int, int]) -> Bool:
+        """The pixels to leave out, (ny, nx) for the image's `shape` (nothing when `use` is False)."""
+        return _upsampled(self.blocks & self.use, block_size(shape), shape)
+
+    def excluded_on_grid(self) -> Bool:
+        """The pixels to leave out on the grid of every b-th row and column: `excluded(shape)[::b, ::b]`."""
+        return self.blocks & self.use
 
 
 def source_free(
     image: Image, variance: Image, good: Bool, psf, sources_xy=None, data: Bool | None = None, **kwargs
-) -> tuple[Bool, jax.Array]:
-    """`good` without the source footprints of `source_footprints` (unless too few pixels would remain).
+) -> SourceFree:
+    """The source footprints the noise estimates leave out of `good` (unless too few pixels would remain).
 
     Arguments:
         image, variance: (ny, nx).
@@ -184,24 +211,23 @@ def source_free(
         kwargs: passed on to `source_footprints` (threshold, grow, max_pixels).
 
     Returns:
-        (good_free, n_free): the boolean (ny, nx) pixels and how many of them there are (int32). When fewer
-        than `MIN_FREE_FRACTION` of the usable good pixels remain, `good_free` is `good` itself.
+        A `SourceFree`. Its `use` is False when fewer than `MIN_FREE_FRACTION` of the usable `good` pixels
+        would remain, counted on the grid of every b-th row and column that `variance_factor` reads (every
+        pixel up to 512²).
     """
     if psf is None:
         sigma, half = jnp.asarray(DEFAULT_SIGMA), math.ceil(4 * DEFAULT_SIGMA)
     else:
         sigma, half = psf.sigma(), int(psf.size) // 2
     data = usable(image, variance) if data is None else data
-    footprints = source_footprints(image, variance, data, sigma, sources_xy, half=half, **kwargs)
-    base = good & usable(image, variance)
-    free = base & ~footprints
-    n_base, n_free = jnp.sum(base), jnp.sum(free)
-    enough = n_free >= MIN_FREE_FRACTION * n_base
-    free = jnp.where(enough, free, base)
-    return free, jnp.where(enough, n_free, n_base).astype(jnp.int32)
+    blocks = source_footprints(image, variance, data, sigma, sources_xy, half=half, blocks=True, **kwargs)
+    b = block_size(image.shape, kwargs.get("max_pixels", MAX_PIXELS))
+    base = good[::b, ::b] & usable(image[::b, ::b], variance[::b, ::b])
+    n_base, n_free = jnp.sum(base), jnp.sum(base & ~blocks)
+    return SourceFree(blocks, n_free >= MIN_FREE_FRACTION * n_base)
 
 
-def exposure_source_free(exposure, good: Bool, sources=None) -> tuple[Bool, jax.Array]:
+def exposure_source_free(exposure, good: Bool, sources=None) -> SourceFree:
     """`source_free` of an `Exposure` with its PSF and the kernel `Sources` (parent coordinates) or None; the
     detection reads every usable pixel not flagged as `NOT_DATA` (DETECTED ones included)."""
     xy = None

@@ -28,7 +28,8 @@ from ._fit import FitResult, StampData, fit_kernel
 from ._image_fit import fit_whole_image
 from ._kernel import SpatialKernel
 from ._mask import bitmask, plane_bit
-from ._noise import exposure_source_free
+from ._noise import MAX_PIXELS as NOISE_PIXELS
+from ._noise import block_size, exposure_source_free
 from ._plan import PRECONVOLUTION_WIDTH, Plan, canonical_psf, convolves_template, coverage, make_plan, width_kwargs
 from ._preconvolve import Preconvolved, fill_bad, preconvolve_science
 from ._prepare import exclusion_bits, output_planes, padded_cut, prepare_science_mask, prepare_template_mask
@@ -205,8 +206,8 @@ class Prepared(NamedTuple):
     factors: jax.Array  # (template, science) variance factors
     factor_failed: jax.Array
     n_noise_pixels: jax.Array  # (template, science) pixels used by the variance estimate
-    free_s: jax.Array  # science pixels outside source footprints (`_noise`), for svar
-    free_t: jax.Array  # template pixels on the science box outside source footprints, for tvar
+    sources_s: jax.Array  # science pixels in source footprints (`_noise`), kept out of svar
+    sources_t: jax.Array  # template pixels on the science box in source footprints, kept out of tvar
 
 
 def prepare(
@@ -275,22 +276,29 @@ def prepare(
         factors=jnp.stack([f_t, f_s]),
         factor_failed=fail_t | fail_s,
         n_noise_pixels=jnp.stack([n_t, n_s]),
-        free_s=free_s,
-        free_t=lax.dynamic_slice(free_t, (offset[0], offset[1]), (ny, nx)),
+        # pixel images of per-block values: XLA computes them where the variance levels read them
+        sources_s=free_s.excluded((ny, nx)),
+        sources_t=lax.dynamic_slice(free_t.excluded(template.shape), (offset[0], offset[1]), (ny, nx)),
     )
 
 
 def _rescaled_variance(e: Exposure, cfg: SubtractConfig, sources: Sources | None):
-    """(variance × factor, factor, both estimates failed, pixels used, source-free pixels) per §4.1 (factor 1
-    when turned off), estimated outside source footprints whatever the masks say (`_noise`)."""
+    """(variance × factor, factor, both estimates failed, pixels used, `SourceFree`) per §4.1 (factor 1 when
+    turned off), estimated outside source footprints whatever the masks say (`_noise`)."""
     sdt = solve_dtype()
     good = (e.mask & bitmask(e.mask_planes, _RESCALE_EXCLUDE)) == 0
-    good, _ = exposure_source_free(e, good, sources)
+    free = exposure_source_free(e, good, sources)
     if not cfg.do_scale_variance:
-        return e.variance, jnp.ones((), sdt), jnp.zeros((), bool), jnp.zeros((), jnp.int32), good
-    f, r_est, l_est, n_good = variance_factor(e.image, e.variance, good, always_level=False)
+        return e.variance, jnp.ones((), sdt), jnp.zeros((), bool), jnp.zeros((), jnp.int32), free
+    # variance_factor reads every b-th row and column (b = block_size: the same cap on the pixels it examines),
+    # where the footprints are known per block: read that grid here, and it reads all of it
+    grid = (slice(None, None, block_size(e.shape, NOISE_PIXELS)),) * 2
+    good = good[grid] & ~free.excluded_on_grid()
+    f, r_est, l_est, n_good = variance_factor(
+        e.image[grid], e.variance[grid], good, max_pixels=NOISE_PIXELS, always_level=False
+    )
     fail = (r_est > 10) & (l_est > 10)
-    return e.variance * f.astype(e.variance.dtype), f.astype(sdt), fail, jnp.asarray(n_good, jnp.int32), good
+    return e.variance * f.astype(e.variance.dtype), f.astype(sdt), fail, jnp.asarray(n_good, jnp.int32), free
 
 
 class Roles(NamedTuple):
@@ -542,8 +550,8 @@ def difference(prep: Prepared, sel: Selection, fitted: Fitted, config: SubtractC
     var_u, var_c = select(is_t, (prep.var_s_raw, t_box.variance), (t_box.variance, prep.var_s))
 
     # --- decorrelation (§11) ---
-    good_s = standard_good(science.image, prep.var_s, diff_mask, out_planes) & prep.free_s  # no source footprints
-    good_t = standard_good(t_box.image, t_box.variance, diff_mask, out_planes) & prep.free_t
+    good_s = standard_good(science.image, prep.var_s, diff_mask, out_planes) & ~prep.sources_s
+    good_t = standard_good(t_box.image, t_box.variance, diff_mask, out_planes) & ~prep.sources_t
     good_u, good_c = select(is_t, (good_s, good_t), (good_t, good_s))
     if cfg.do_decorrelation:
         d_img, d_var, psf_diff, v_u, v_c = decorrelate_arrays(

@@ -38,7 +38,8 @@ def factors(exposure, sources, noise):
     """(factor as the subtraction estimates it, the same estimator on the noise alone over the same pixels,
     the factor without source exclusion, pixels used)."""
     good = jnp.ones(exposure.shape, bool)
-    free, n = _noise.exposure_source_free(exposure, good, sources)
+    free = good & ~_noise.exposure_source_free(exposure, good, sources).excluded(exposure.shape)
+    n = jnp.sum(free & jnp.isfinite(exposure.image))
     f = variance_factor(exposure.image, exposure.variance, free)[0]
     f_noise = variance_factor(jnp.asarray(noise), exposure.variance, free)[0]
     f_all = variance_factor(exposure.image, exposure.variance, good)[0]
