@@ -23,7 +23,11 @@ Smoothing at the PSF scale reaches far into the wings: for a Gaussian PSF the sm
 σ√2 and the smoothed noise is σ_n / (2√π σ), so the footprint of a star of flux F ends where
 F exp(−r²/4σ²) / (4πσ²) = 5 σ_n / (2√π σ) — for F = 30 000, σ = 3.3, σ_n = 0.2 at r = 18.5 px, where the star
 adds 10⁻⁷ σ_n per pixel. If fewer than `MIN_FREE_FRACTION` of the usable pixels remain outside the footprints
-(a field covered by one galaxy), the exclusion is dropped rather than estimating from a handful of pixels.
+(a field covered by one galaxy), the exclusion is dropped rather than estimating from a handful of pixels; the
+pixels are counted on the grid of every b-th row and column, the one `variance_factor` reads.
+
+The footprints stay per block (`SourceFree`): the estimates read the images on that grid or on fewer samples,
+so a pixel-sized footprint image would only be written to be subsampled (at 4096² that cost 1.3 s of op time).
 
 Everything here is a selection: it runs under `stop_gradient`, has static shapes for given image and PSF
 sizes, and is jit/vmap-friendly (the PSF width may be traced).
