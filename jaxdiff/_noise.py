@@ -64,12 +64,23 @@ def block_size(shape: tuple[int, int], max_pixels: int = MAX_PIXELS) -> int:
     return max(1, math.ceil(math.sqrt(shape[0] * shape[1] / max_pixels)))
 
 
-def _block_sums(a, b: int):
-    """Sums over b × b blocks of a (ny, nx) array, zero-padded: shape (⌈ny/b⌉, ⌈nx/b⌉) (no transposed copy)."""
-    ny, nx = a.shape
+def _block_sums(arrays, b: int) -> tuple:
+    """Sums over b × b blocks of several (ny, nx) arrays of one dtype, zero-padded: each (⌈ny/b⌉, ⌈nx/b⌉).
+
+    One variadic reduction per axis (within rows, then across them) reads all the arrays in one pass; a
+    `jnp.sum` per array over the (⌈ny/b⌉, b, ⌈nx/b⌉, b) view took 31 ms for three 2048² planes, this 3 ms
+    (99 → 11 ms at 4096²).
+    """
+    ny, nx = arrays[0].shape
     nby, nbx = -(-ny // b), -(-nx // b)
-    a = jnp.pad(a, ((0, nby * b - ny), (0, nbx * b - nx)))
-    return jnp.sum(a.reshape(nby, b, nbx, b), axis=(1, 3))
+    arrays = tuple(jnp.pad(a, ((0, nby * b - ny), (0, nbx * b - nx))) for a in arrays)
+    zeros = tuple(jnp.zeros((), a.dtype) for a in arrays)
+
+    def add(x, y):
+        return tuple(u + v for u, v in zip(x, y, strict=True))
+
+    rows = lax.reduce(tuple(a.reshape(nby * b, nbx, b) for a in arrays), zeros, add, (2,))
+    return lax.reduce(tuple(r.reshape(nby, b, nbx) for r in rows), zeros, add, (1,))
 
 
 def _smooth(a, g):
@@ -140,9 +151,9 @@ def source_footprints(
     if b == 1:
         mean, var_mean, ok_b = jnp.where(ok, image, 0.0).astype(dt), jnp.where(ok, variance, 0.0).astype(dt), ok
     else:
-        count = _block_sums(ok.astype(dt), b)
-        total = _block_sums(jnp.where(ok, image, 0.0).astype(dt), b)
-        var_total = _block_sums(jnp.where(ok, variance, 0.0).astype(dt), b)
+        count, total, var_total = _block_sums(
+            (ok.astype(dt), jnp.where(ok, image, 0.0).astype(dt), jnp.where(ok, variance, 0.0).astype(dt)), b
+        )
         ok_b = count > 0
         safe = jnp.where(ok_b, count, 1.0)
         mean, var_mean = total / safe, var_total / safe**2

@@ -177,6 +177,21 @@ def test_footprints_jit_vmap_and_blocks():
     assert fp.shape == (1024, 1024) and fp[502, 302] and fp.mean() < 0.01
 
 
+@pytest.mark.parametrize(("shape", "b"), [((37, 53), 5), ((64, 64), 4), ((9, 8), 1), ((30, 31), 8)])
+def test_block_sums_equal_numpy(shape, b):
+    """The one-pass block sums of several planes equal numpy's sums over zero-padded b × b blocks."""
+    rng = np.random.default_rng(b)
+    planes = [rng.normal(size=shape).astype(np.float32), (rng.random(shape) > 0.3).astype(np.float32)]
+    got = _noise._block_sums(tuple(jnp.asarray(p) for p in planes), b)
+    nby, nbx = -(-shape[0] // b), -(-shape[1] // b)
+    for p, g in zip(planes, got, strict=True):
+        padded = np.zeros((nby * b, nbx * b), np.float64)
+        padded[: shape[0], : shape[1]] = p
+        want = padded.reshape(nby, b, nbx, b).sum(axis=(1, 3))
+        assert g.shape == (nby, nbx)
+        np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_sources_are_excluded():
     """A kernel source too faint to be detected still gets a footprint of radius ⌈2.4 σ⌉."""
     n = 64
