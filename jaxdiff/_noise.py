@@ -223,7 +223,8 @@ def source_free(
         psf: the image's `jd.Psf` (its width and size set σ and the smoothing half-width), or None
             (σ = `DEFAULT_SIGMA`).
         sources_xy: as `source_footprints`.
-        kwargs: passed on to `source_footprints` (threshold, grow, max_pixels).
+        kwargs: passed on to `source_footprints` (threshold, grow; the blocks are those of `MAX_PIXELS`, which
+            `SourceFree.excluded` assumes).
 
     Returns:
         A `SourceFree`. Its `use` is False when fewer than `MIN_FREE_FRACTION` of the usable `good` pixels
@@ -235,8 +236,10 @@ def source_free(
     else:
         sigma, half = psf.sigma(), int(psf.size) // 2
     data = usable(image, variance) if data is None else data
-    blocks = source_footprints(image, variance, data, sigma, sources_xy, half=half, blocks=True, **kwargs)
-    b = block_size(image.shape, kwargs.get("max_pixels", MAX_PIXELS))
+    blocks = source_footprints(
+        image, variance, data, sigma, sources_xy, half=half, max_pixels=MAX_PIXELS, blocks=True, **kwargs
+    )
+    b = block_size(image.shape)
     base = good[::b, ::b] & usable(image[::b, ::b], variance[::b, ::b])
     n_base, n_free = jnp.sum(base), jnp.sum(base & ~blocks)
     return SourceFree(blocks, n_free >= MIN_FREE_FRACTION * n_base)
