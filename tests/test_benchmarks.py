@@ -69,3 +69,25 @@ def test_quick_stream_benchmark_reports_compiles_and_cache_hits(tmp_path):
     for p in report["stream"]["pairs"] + report["second_process"]["pairs"]:
         assert 0.8 < p["noise"] < 1.2, p
     assert math.isfinite(cold["warm_s"]) and cold["warm_s"] > 0
+
+
+@pytest.mark.slow
+def test_ab_compares_two_revisions_in_one_process(tmp_path):
+    """`benchmarks/ab.py` imports two versions of the package side by side and times both on the same pair."""
+    repo = RUN.parents[1]
+    if subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    out = tmp_path / "ab.json"
+    proc = subprocess.run(
+        [sys.executable, str(RUN.parent / "ab.py"), "--base", "HEAD", "--size", "256", "--calls", "2"]
+        + ["--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["summary"]) == {"HEAD", "WORKTREE"}
+    for times in report["times_s"].values():
+        assert len(times) == 2 and all(math.isfinite(t) and t > 0 for t in times)
+    assert "B / A" in proc.stdout
