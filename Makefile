@@ -35,13 +35,13 @@ test-slow: $(STAMP)
 # .ci/oldest-constraints.txt; pip has no lowest-version resolution), then the fast tests. A hung test fails after
 # 300 s (pytest-timeout, thread method: a worker blocked inside XLA never returns to Python for a signal).
 # The notebooks (they need the dask extra) are left to `make test`. CI runs it after `make test`.
-# It runs every module's tests and the core end-to-end ones (subtract, task, programs, gradients, plan), not the
-# integration suites that exercise jaxdiff's own logic on many whole subtractions (CLI, robustness scenarios,
-# batches, real data, whole-image fit, kernel-source rescue, existing kernels, forward model, the noise
-# scenarios): those run on the newest versions in `make test`. With them CI took 34 min on a 2-core AMD EPYC,
+# It runs every module's tests and the core end-to-end ones (subtract, programs, gradients, plan), not the
+# integration suites that exercise jaxdiff's own logic on many whole subtractions (CLI, task, robustness
+# scenarios, batches, real data, whole-image fit, kernel-source rescue, existing kernels, forward model, the noise
+# scenarios, the simulator): those run on the newest versions in `make test`. With them CI took 34 min on a 2-core AMD EPYC,
 # over its 30-minute budget; `make test-oldest OLDEST_SUBSET=` runs everything.
 OLDEST_SUBSET ?= $(addprefix --ignore=tests/,test_cli.py test_robustness.py test_batch.py test_real.py \
-	test_image_fit.py test_kernel_sources.py test_existing.py test_forward.py test_noise.py)
+	test_image_fit.py test_kernel_sources.py test_existing.py test_forward.py test_noise.py test_task.py test_sim.py)
 OLDEST_PYTHON ?= 3.12
 OLDEST_VENV ?= .venv-oldest
 OLDEST_BOOT := $(shell for c in $$(ls -d $$(pyenv root 2>/dev/null)/versions/$(OLDEST_PYTHON).*/bin/python$(OLDEST_PYTHON) \
