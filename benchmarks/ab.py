@@ -16,7 +16,6 @@ first quartiles and minima, and writes JSON to `benchmarks/results/ab-<time>.jso
 import argparse
 import datetime
 import importlib
-import json
 import statistics
 import subprocess
 import sys
@@ -128,8 +127,7 @@ def main(argv=None) -> int:
     }
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.output or RESULTS / f"ab-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(harness.to_jsonable(report), indent=1))
+    harness.write_json(out, report)
     print(f"JSON: {out}")
     return 0
 

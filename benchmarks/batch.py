@@ -118,7 +118,7 @@ def _main(args) -> int:
         "quality": [],
         "singles": [],
     }
-    save = lambda: out.write_text(json.dumps(harness.to_jsonable(report), indent=1))
+    save = lambda: harness.write_json(out, report)
     config = jd.SubtractConfig(**CONFIG)
     rng = np.random.default_rng(args.seed)
     for size in args.sizes:

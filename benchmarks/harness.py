@@ -321,6 +321,14 @@ def run_worker(argv: list[str], timeout_s: float) -> tuple[dict | None, str]:
     return json.loads(report.read_text()), "ok"
 
 
+def write_json(path: Path, report) -> str:
+    """Write a report as indented JSON (non-finite floats as null, folders created); returns the text."""
+    text = json.dumps(to_jsonable(report), indent=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
 def to_jsonable(obj):
     """Recursively turn numpy scalars/arrays and non-finite floats into JSON-safe values (NaN → None)."""
     if isinstance(obj, dict):

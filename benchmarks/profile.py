@@ -237,8 +237,7 @@ def main(argv=None) -> int:
         report = profile_batch(args) if args.batch else profile_single(args)
     name = f"profile-batch{args.batch}-{args.size}.json" if args.batch else f"profile-{args.size}.json"
     output = args.output or Path(__file__).parent / "results" / name
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(harness.to_jsonable(report), indent=1))
+    harness.write_json(output, report)
     print(f"JSON: {output}")
     return 0
 

@@ -315,9 +315,7 @@ def _main_run(args) -> int:
     if out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = RESULTS / f"bench-{stamp}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(harness.to_jsonable(report), indent=1)
-    out.write_text(text)
+    text = harness.write_json(out, report)
     if args.output is None:
         (RESULTS / "latest.json").write_text(text)
     sys.stdout.write(f"{report['machine']['cpu']} · {report['machine']['usable_cores']} cores · ")

@@ -264,8 +264,7 @@ def main(argv=None) -> int:
                     "per_pair_s": {s: statistics.mean(r["wall_s"] for r in hp if r["size"] == s) for s in sizes},
                 }
     out = args.output or RESULTS / f"stream-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(harness.to_jsonable(report), indent=1))
+    harness.write_json(out, report)
     print(_table(report))
     print(f"\nJSON: {out}")
     return 0

@@ -8,7 +8,6 @@ on host (numpy, after one `jax.device_get`), once per task call.
 """
 
 import concurrent.futures
-import math
 import warnings
 
 import jax
@@ -18,6 +17,7 @@ from ._config import SubtractConfig
 from ._errors import BadSubtractionError
 from ._exposure import Exposure
 from ._mask import bitmask
+from ._noise import block_size
 from ._psf import FWHM_PER_SIGMA, Psf, host_sigma_xy
 from ._sources import Sources
 
@@ -200,11 +200,11 @@ def start_input_figures(template: Exposure, science: Exposure, widths, pool) -> 
 
 def _exposure_limiting_magnitude(e: Exposure, sigma_xy) -> float | None:
     """`limiting_magnitude` with the median variance of a regular grid of at most `_MAGLIM_SAMPLES` pixels
-    (every s-th row and column): variance planes are smooth, and the full-image median cost 20-25 ms per image
-    at 2048² beside the running subtraction; the grid moved the magnitudes of the benchmark pairs (2048², 4096²)
-    and of the JWST cut-out by at most 0.00014)."""
+    (every s-th row and column, s = `block_size`): variance planes are smooth, and the full-image median cost
+    20-25 ms per image at 2048² beside the running subtraction; the grid moved the magnitudes of the benchmark
+    pairs (2048², 4096²) and of the JWST cut-out by at most 0.00014)."""
     var, mask = (np.asarray(a) for a in jax.device_get((e.variance, e.mask)))
-    s = max(1, math.ceil(math.sqrt(var.size / _MAGLIM_SAMPLES)))
+    s = block_size(var.shape, _MAGLIM_SAMPLES)
     var, mask = var[::s, ::s], mask[::s, ::s]
     good = np.isfinite(var) & (var > 0) & ((mask & bitmask(e.mask_planes, ("NO_DATA", "BAD", "SAT"))) == 0)
     return limiting_magnitude(var, good, sigma_xy, float(np.asarray(e.photo_calib)))
