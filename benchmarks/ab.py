@@ -3,6 +3,7 @@
     python benchmarks/ab.py --base HEAD~1                      # the working tree against HEAD~1, 2048²
     python benchmarks/ab.py --base main --candidate HEAD --size 4096 --calls 8
     python benchmarks/ab.py --base HEAD --api task             # AlardLuptonSubtract.run instead of jd.subtract
+    python benchmarks/ab.py --base HEAD --candidate HEAD --api-b task   # the task against the fused call
 
 On a shared or busy machine the same warm call varies by ±20 % between processes, which hides changes of a few
 per cent. Here both versions run in one process on the benchmark pair of `run.py`: their calls alternate (A B,
@@ -79,20 +80,25 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=2048)
     p.add_argument("--calls", type=int, default=20, help="warm calls per version")
     p.add_argument("--api", choices=("subtract", "task"), default="subtract")
+    p.add_argument("--api-b", choices=("subtract", "task"), default=None, help="version B's API (default: --api)")
     p.add_argument("--seed", type=int, default=1, help="of the pair (run.py's default)")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
+    api_b = args.api_b or args.api
 
     with tempfile.TemporaryDirectory() as tmp:
-        labels = {"jaxdiff_ab_a": args.base, "jaxdiff_ab_b": args.candidate}
-        for name, rev in labels.items():
+        revs = {"jaxdiff_ab_a": args.base, "jaxdiff_ab_b": args.candidate}
+        apis = {"jaxdiff_ab_a": args.api, "jaxdiff_ab_b": api_b}
+        both = args.api != api_b or args.base == args.candidate  # name the API too where the revisions alone don't
+        labels = {name: f"{rev} ({apis[name]})" if both else rev for name, rev in revs.items()}
+        for name, rev in revs.items():
             _export(rev, Path(tmp), name)
         sys.path.insert(0, tmp)
         versions = {name: importlib.import_module(name) for name in labels}
         pair = bench._simulate(args.size, args.seed, bench.SIM["n_stars"], bench.SIM["n_transients"])
         calls = {}
         for name, jd in versions.items():
-            calls[name] = _call(jd, pair, args.api)
+            calls[name] = _call(jd, pair, apis[name])
             t0 = time.perf_counter()
             calls[name]()
             print(f"[ab] {labels[name]}: first call {time.perf_counter() - t0:.1f} s", flush=True)
@@ -110,7 +116,8 @@ def main(argv=None) -> int:
         ts = sorted(ts)
         summary[labels[name]] = {"median_s": statistics.median(ts), "q25_s": ts[len(ts) // 4], "min_s": ts[0]}
     a, b = (summary[labels[n]] for n in labels)
-    print(f"{args.size}², {args.api}, {args.calls} alternating warm calls each")
+    api_text = args.api if api_b == args.api else f"A {args.api}, B {api_b}"
+    print(f"{args.size}², {api_text}, {args.calls} alternating warm calls each")
     for rev, s in summary.items():
         print(f"  {rev:<20} median {s['median_s']:.3f} s   q25 {s['q25_s']:.3f} s   min {s['min_s']:.3f} s")
     print(f"  B / A: median {b['median_s'] / a['median_s']:.3f}, q25 {b['q25_s'] / a['q25_s']:.3f}")
@@ -119,6 +126,7 @@ def main(argv=None) -> int:
         "machine": harness.machine_info(),
         "size": args.size,
         "api": args.api,
+        "api_b": api_b,
         "calls": args.calls,
         "base": args.base,
         "candidate": args.candidate,

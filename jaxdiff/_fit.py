@@ -11,9 +11,8 @@ from ._types import Array, Float
 from .solvers import symmetric_solve
 from .solvers._normal import (
     global_normal,
-    multipliers,
+    lifted_mean,
     residual_stats,
-    spatial_layout,
     stamp_alphas,
     stamp_designs,
     stamp_normal,
@@ -35,6 +34,8 @@ class StampData(eqx.Module):
     cx: Array  # (N,) centres, array coordinates
     cy: Array
     valid: Array  # (N,) bool
+    # the residual tests' precision: the convolved image's own (a float32 image's stamps hold float32 data)
+    test_dtype: object = eqx.field(static=True, default=None)
 
 
 class FitResult(eqx.Module):
@@ -65,8 +66,6 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
         axis_name: the vmap axis name when the fit runs for a batch (see `stamps.over_slots`).
     """
     n = basis.shape[0]
-    P = data.p.shape[-1]
-    Q = data.q.shape[-1]
     N = data.valid.shape[0]
     dtype = data.x_stamp.dtype
     fx, fy, mix, *groups = factors
@@ -87,9 +86,12 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
 
     k = basis.shape[-1]
 
+    test_dtype = dtype if data.test_dtype is None else data.test_dtype
+
     def spectra(x_stamp, vx_stamp):
-        # reused by every residual test; float32 is plenty for the K² ∗ V_X term that only scales the residuals
-        return stamp_spectrum(x_stamp, k), stamp_spectrum(vx_stamp.astype(jnp.float32), k)
+        # reused by every residual test, at the image's precision (the normal equations keep the solve dtype);
+        # float32 is plenty for the K² ∗ V_X term that only scales the residuals
+        return stamp_spectrum(x_stamp.astype(test_dtype), k), stamp_spectrum(vx_stamp.astype(jnp.float32), k)
 
     x_spec, vx_spec = _stamps.over_slots(jax.vmap(spectra), valid, data.x_stamp, data.vx_stamp, axis_name=axis_name)
 
@@ -122,8 +124,7 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
     passed_single = lax.stop_gradient(valid & passes(test(alpha_single)))
     ksum = alpha_single[:, 0]
 
-    U = jax.vmap(lambda p, q: multipliers(p, q, n, max(P, Q, 1)))(data.p, data.q)
-    rows, cols, _ = spatial_layout(n, P, Q)
+    p_sg, q_sg = lax.stop_gradient(data.p), lax.stop_gradient(data.q)
     priority = jnp.arange(N)  # slots are packed brightest first
 
     def active_set(rejected):
@@ -136,7 +137,7 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
     ksum_sg = lax.stop_gradient(ksum)
 
     def solve_sg(active):
-        M, b = global_normal(Ms_sg, bs_sg, lax.stop_gradient(U), active.astype(dtype), rows, cols)
+        M, b = global_normal(Ms_sg, bs_sg, p_sg, q_sg, active.astype(dtype))
         return symmetric_solve(M, b)
 
     # Kernel-sum clipping (cheap, on the stamps' sums) runs to convergence before every spatial test (a global
@@ -159,7 +160,7 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
         rejected, n_k = clip_ksum(rejected, n_k)
         active = active_set(rejected)
         theta = solve_sg(active)
-        alphas = stamp_alphas(theta, lax.stop_gradient(U), rows, cols)
+        alphas = stamp_alphas(theta, p_sg, q_sg, n)
         bad = active & ~passes(lax.stop_gradient(test(alphas)))
         it1 = it + jnp.any(bad).astype(jnp.int32)
         # no active star left: nothing to test (clipping empties the set only when every star is rejected)
@@ -171,10 +172,10 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
     rejected, n_iter, _, n_k, n_s = lax.while_loop(lambda state: ~state[2], spatial_pass, init)
     active = lax.stop_gradient(active_set(rejected))
 
-    M, b = global_normal(Ms, bs, U, active.astype(dtype), rows, cols)
-    precond = _preconditioner(Ms, U, active.astype(dtype), rows, cols)
+    M, b = global_normal(Ms, bs, data.p, data.q, active.astype(dtype))
+    precond = _preconditioner(Ms, data.p, data.q, active.astype(dtype))
     theta, cond_number = solver.solve(M, b, precond)
-    alphas = stamp_alphas(theta, U, rows, cols)
+    alphas = stamp_alphas(theta, data.p, data.q, n)
     mean, std = test(lax.stop_gradient(alphas))
     used = active & jnp.isfinite(mean) & jnp.isfinite(std)
     n_used = jnp.maximum(jnp.sum(used), 1)
@@ -193,10 +194,8 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
     )
 
 
-def _preconditioner(Ms, U, weights, rows, cols):
+def _preconditioner(Ms, p, q, weights):
     """A = Σ_s τ_s E_sᵀ Ḡ E_s with Ḡ = Σ_s M_s / Σ_s τ_s, τ_s = trace M_s (ALGORITHM §8.3)."""
     tau = jnp.trace(Ms, axis1=1, axis2=2) * weights
     G = jnp.einsum("s,sij->ij", weights, Ms) / jnp.maximum(jnp.sum(tau), 1e-300)
-    Mbar = tau[:, None, None] * G[None]
-    A, _ = global_normal(Mbar, jnp.zeros(Ms.shape[:2], Ms.dtype), U, jnp.ones_like(weights), rows, cols)
-    return A
+    return lifted_mean(G, tau, p, q)

@@ -433,6 +433,7 @@ def select_stamps(
         cx=scx,
         cy=scy,
         valid=slot_valid,
+        test_dtype=jnp.dtype(rl.x_grown.image.dtype),
     )
     return Selection(
         data=data,

@@ -121,14 +121,14 @@ def over_slots(fn, valid: Bool[Array, " N"], *slots, fill=0.0, axis_name: str | 
     def skipped():
         return jax.tree.map(lambda s: jnp.full(s.shape, fill, s.dtype), shapes)
 
-    def one(chunk):
-        v, args = chunk
-        mine = jnp.any(v)
-        out = lax.cond(batch_any(mine, axis_name), lambda: fn(*args), skipped)
+    def one(i):
+        mine = jnp.any(lax.dynamic_slice_in_dim(valid, i * CHUNK, CHUNK))
+        # the chunk is cut out inside the taken branch: a skipped chunk reads none of its inputs
+        taken = lambda: fn(*(lax.dynamic_slice_in_dim(a, i * CHUNK, CHUNK) for a in slots))
+        out = lax.cond(batch_any(mine, axis_name), taken, skipped)
         if axis_name is None:
             return out
         return jax.tree.map(lambda o: jnp.where(mine, o, jnp.asarray(fill, o.dtype)), out)
 
-    split = [a.reshape((n_chunks, CHUNK) + a.shape[1:]) for a in slots]
-    out = lax.map(one, (valid.reshape(n_chunks, CHUNK), split))
+    out = lax.map(one, jnp.arange(n_chunks))
     return jax.tree.map(lambda o: o.reshape((n,) + o.shape[2:]), out)

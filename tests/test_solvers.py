@@ -90,3 +90,37 @@ def test_condition_number_matches_eigvalsh(cond):
     assert got == pytest.approx(ev[-1] / ev[0], rel=max(1e-13, 100 * np.finfo(float).eps * cond))
     assert float(condition_number(jnp.diag(jnp.array([-1.0, 2.0, 3.0])))) == pytest.approx(-3.0)
     assert float(condition_number(jnp.diag(jnp.array([0.0, 2.0, 3.0])))) < 0
+
+
+@pytest.mark.parametrize(("n", "P", "Q"), [(27, 6, 3), (27, 3, 6), (1, 3, 1), (5, 1, 0)])
+def test_global_normal_equals_the_explicit_stamp_maps(n, P, Q):
+    """M = Σ w_s E_sᵀ M_s E_s, b = Σ w_s E_sᵀ b_s and α_s = E_s θ with E_s built as a dense matrix (§8.2)."""
+    from jaxdiff._fit import _preconditioner
+    from jaxdiff.solvers._normal import global_normal, stamp_alphas
+
+    rng = np.random.default_rng(n + P + Q)
+    S = 40
+    A = rng.normal(size=(S, n + 1, n + 1))
+    Ms = A @ A.transpose(0, 2, 1)
+    bs = rng.normal(size=(S, n + 1))
+    p, q = rng.normal(size=(S, P)), rng.normal(size=(S, Q))
+    w = (rng.random(S) < 0.7).astype(float)
+    T = 1 + (n - 1) * P + Q
+    E = np.zeros((S, n + 1, T))  # α_s = E_s θ: θ_0 constant, θ_i · p_s for 0 < i < n, θ_bg · q_s
+    E[:, 0, 0] = 1.0
+    for i in range(1, n):
+        E[:, i, 1 + (i - 1) * P : 1 + i * P] = p
+    E[:, n, 1 + (n - 1) * P :] = q
+    M_ref = np.einsum("s,sit,sij,sju->tu", w, E, Ms, E)
+    b_ref = np.einsum("s,sit,si->t", w, E, bs)
+    with jax.enable_x64(True):
+        M, b = global_normal(jnp.asarray(Ms), jnp.asarray(bs), jnp.asarray(p), jnp.asarray(q), jnp.asarray(w))
+        theta = rng.normal(size=T)
+        alphas = stamp_alphas(jnp.asarray(theta), jnp.asarray(p), jnp.asarray(q), n)
+        precond = _preconditioner(jnp.asarray(Ms), jnp.asarray(p), jnp.asarray(q), jnp.asarray(w))
+    np.testing.assert_allclose(M, M_ref, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(b, b_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(alphas, np.einsum("sit,t->si", E, theta), rtol=1e-12, atol=1e-12)
+    tau = np.trace(Ms, axis1=1, axis2=2) * w
+    G = np.einsum("s,sij->ij", w, Ms) / tau.sum()
+    np.testing.assert_allclose(precond, np.einsum("s,sit,ij,sju->tu", tau, E, G, E), rtol=1e-12, atol=1e-10)

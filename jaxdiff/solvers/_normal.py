@@ -118,51 +118,71 @@ def residual_stats(stamp, target, var_target, var_stamp, good, alpha, basis, sta
     return mean, jnp.sqrt(var)
 
 
-def spatial_layout(n: int, n_kernel_terms: int, n_bg_terms: int):
-    """Static index arrays mapping the padded (n + 1, L) coefficient layout to θ.
+def spatial_groups(n: int, n_kernel_terms: int, n_bg_terms: int):
+    """The rows of α_s that share one spatial term vector, in θ's order: [(rows, terms), ...].
 
-    Row 0 (B_0) has one coefficient (spatially constant), rows 1..n−1 have P, row n (background) Q.
-    Returns (rows, cols, L) with θ[t] = padded[rows[t], cols[t]].
+    θ = [θ_0, θ_1 (P), …, θ_{n−1} (P), θ_bg (Q)] and α_s = E_s θ: α_s[0] = θ_0 (B_0 is spatially constant),
+    α_s[i] = p_s · θ_i for 0 < i < n, α_s[n] = q_s · θ_bg (0 without background terms). `rows` is a static slice
+    of α's n + 1 rows and `terms` names the vector ("one", "p" or "q").
     """
-    import numpy as np
-
-    L = max(n_kernel_terms, n_bg_terms, 1)
-    rows = [0]
-    cols = [0]
-    for b in range(1, n):
-        rows += [b] * n_kernel_terms
-        cols += list(range(n_kernel_terms))
-    rows += [n] * n_bg_terms
-    cols += list(range(n_bg_terms))
-    return np.asarray(rows), np.asarray(cols), L
+    groups = [(slice(0, 1), "one")]
+    if n > 1 and n_kernel_terms > 0:
+        groups.append((slice(1, n), "p"))
+    if n_bg_terms > 0:
+        groups.append((slice(n, n + 1), "q"))
+    return groups
 
 
-def multipliers(p, q, n: int, L: int):
-    """Per-stamp multipliers U (n + 1, L): α_s[i] = Σ_a U[i, a] θ_i[a] (ALGORITHM §8.2's E_s)."""
-    P = p.shape[-1]
-    Q = q.shape[-1]
-    one = jnp.zeros((L,), p.dtype).at[0].set(1.0)
-    pk = jnp.zeros((L,), p.dtype).at[:P].set(p)
-    qk = jnp.zeros((L,), p.dtype).at[:Q].set(q)
-    return jnp.concatenate([one[None], jnp.broadcast_to(pk, (n - 1, L)), qk[None]])
+def _terms(p, q):
+    return {"one": jnp.ones_like(p[..., :1]), "p": p, "q": q}
 
 
-def global_normal(Ms, bs, U, weights, rows, cols):
-    """M = Σ_s w_s E_sᵀ M_s E_s and b = Σ_s w_s E_sᵀ b_s for the spatial unknowns θ.
+def global_normal(Ms, bs, p, q, weights):
+    """M = Σ_s w_s E_sᵀ M_s E_s and b = Σ_s w_s E_sᵀ b_s for the spatial unknowns θ (layout: `spatial_groups`).
+
+    For rows i, j in groups with term vectors g, h: M[(i, a), (j, b)] = Σ_s w_s M_s[i, j] g_s[a] h_s[b], one
+    matrix product over the stamps per pair of groups (no (N, n + 1, n + 1, L) intermediate).
 
     Arguments:
-        Ms: (N, n + 1, n + 1); bs: (N, n + 1); U: (N, n + 1, L) multipliers; weights: (N,) 0/1 activity.
-        rows, cols: static layout from `spatial_layout`.
+        Ms: (N, n + 1, n + 1); bs: (N, n + 1); p: (N, P) kernel terms and q: (N, Q) background terms at the
+        stamps; weights: (N,) 0/1 activity.
     """
+    n = Ms.shape[-1] - 1
+    terms = _terms(p, q)
+    groups = spatial_groups(n, p.shape[-1], q.shape[-1])
     Mw = Ms * weights[:, None, None]
-    full = jnp.einsum("sij,sia,sjb->iajb", Mw, U, U)
-    bfull = jnp.einsum("si,sia->ia", bs * weights[:, None], U)
-    M = full[rows[:, None], cols[:, None], rows[None, :], cols[None, :]]
-    return M, bfull[rows, cols]
+    bw = bs * weights[:, None]
+
+    def block(ri, gi, rj, gj):
+        z = terms[gi][:, :, None] * terms[gj][:, None, :]
+        m = jnp.einsum("sij,sab->iajb", Mw[:, ri, rj], z)
+        return m.reshape(m.shape[0] * m.shape[1], m.shape[2] * m.shape[3])
+
+    M = jnp.block([[block(ri, gi, rj, gj) for rj, gj in groups] for ri, gi in groups])
+    b = jnp.concatenate([jnp.einsum("si,sa->ia", bw[:, ri], terms[gi]).reshape(-1) for ri, gi in groups])
+    return M, b
 
 
-def stamp_alphas(theta, U, rows, cols):
+def lifted_mean(G, tau, p, q):
+    """Σ_s τ_s E_sᵀ G E_s for one (n + 1)² matrix G shared by the stamps (the fit's preconditioner, §8.3)."""
+    n = G.shape[-1] - 1
+    terms = _terms(p, q)
+    groups = spatial_groups(n, p.shape[-1], q.shape[-1])
+
+    def block(ri, gi, rj, gj):
+        z = jnp.einsum("s,sa,sb->ab", tau, terms[gi], terms[gj])
+        m = jnp.einsum("ij,ab->iajb", G[ri, rj], z)
+        return m.reshape(m.shape[0] * m.shape[1], m.shape[2] * m.shape[3])
+
+    return jnp.block([[block(ri, gi, rj, gj) for rj, gj in groups] for ri, gi in groups])
+
+
+def stamp_alphas(theta, p, q, n: int):
     """α_s = E_s θ for every stamp: (N, n + 1)."""
-    n1, L = U.shape[1], U.shape[2]
-    padded = jnp.zeros((n1, L), theta.dtype).at[rows, cols].set(theta)
-    return jnp.einsum("sia,ia->si", U, padded)
+    N, P = p.shape
+    cols = [jnp.broadcast_to(theta[0], (N, 1))]
+    if n > 1:
+        cols.append(p @ theta[1 : 1 + (n - 1) * P].reshape(n - 1, P).T)
+    bg = theta[1 + (n - 1) * P :]
+    cols.append((q @ bg)[:, None] if q.shape[-1] > 0 else jnp.zeros((N, 1), theta.dtype))
+    return jnp.concatenate(cols, axis=1)
