@@ -84,14 +84,27 @@ def facts(template: Exposure, science: Exposure, data: bool = True) -> dict:
 
 
 def data_facts(template: Exposure, science: Exposure) -> dict:
-    """Whether each image has a usable pixel and how many of its pixels have an invalid variance (host)."""
+    """Whether each image has a usable pixel and how many of its pixels have an invalid variance (host).
+
+    Valid data is the common case and is recognised without image-sized temporaries: a variance plane whose
+    minimum is ≥ 0 and maximum finite (a NaN makes both NaN) has no invalid value, and the search for a usable
+    pixel stops at the first block of rows that holds one. Only other data pays the full pixel-wise count.
+    """
     res = {}
     for name, e in (("template", template), ("science", science)):
         image, variance = np.asarray(e.image), np.asarray(e.variance)
-        res[f"{name}_usable"] = bool(np.any(usable(image, variance, np)))
-        bad = np.isfinite(image) & ~(np.isfinite(variance) & (variance >= 0))  # finite pixel, invalid variance
-        res[f"{name}_bad_variance"] = int(np.count_nonzero(bad))
+        res[f"{name}_usable"] = _any_usable(image, variance)
+        if variance.size and np.min(variance) >= 0 and np.isfinite(np.max(variance)):
+            res[f"{name}_bad_variance"] = 0
+        else:
+            bad = np.isfinite(image) & ~(np.isfinite(variance) & (variance >= 0))  # finite pixel, invalid variance
+            res[f"{name}_bad_variance"] = int(np.count_nonzero(bad))
     return res
+
+
+def _any_usable(image: np.ndarray, variance: np.ndarray, rows: int = 64) -> bool:
+    """`np.any(usable(image, variance))`, block of rows by block of rows, stopping at the first usable pixel."""
+    return any(np.any(usable(image[r : r + rows], variance[r : r + rows], np)) for r in range(0, image.shape[0], rows))
 
 
 def _widths(psf: Psf | None, batched: bool):
@@ -142,9 +155,14 @@ def _host_coverage(template: Exposure, science: Exposure, nd_t: int, nd_s: int) 
     c0, c1 = max(0, -dx), min(nx, tx - dx)
     has = 0
     if r1 > r0 and c1 > c0:
-        t_ok = (np.asarray(template.mask)[r0 + dy : r1 + dy, c0 + dx : c1 + dx] & nd_t) == 0
-        s_ok = (np.asarray(science.mask)[r0:r1, c0:c1] & nd_s) == 0
-        has = int(np.count_nonzero(t_ok & s_ok))
+        t_mask = np.asarray(template.mask)[r0 + dy : r1 + dy, c0 + dx : c1 + dx]
+        s_mask = np.asarray(science.mask)[r0:r1, c0:c1]
+        if not (
+            int(np.bitwise_or.reduce(t_mask, axis=None)) & nd_t or int(np.bitwise_or.reduce(s_mask, axis=None)) & nd_s
+        ):
+            has = (r1 - r0) * (c1 - c0)  # NO_DATA set nowhere in the overlap (one pass per mask, no temporaries)
+        else:
+            has = int(np.count_nonzero(((t_mask & nd_t) == 0) & ((s_mask & nd_s) == 0)))
     return np.float32(1.0) - np.float32(ny * nx - has) / np.float32(ny * nx)
 
 

@@ -242,20 +242,21 @@ def test_blas_limit_holds_inside_the_block_and_is_restored_after():
     assert blas_threads() == before
 
 
+@pytest.mark.parametrize("nodata", [0.1, 0.0])
 @pytest.mark.parametrize(
     ("dx", "dy", "shape"), [(0, 0, (90, 80)), (7, -5, (90, 80)), (-30, 40, (60, 100)), (200, 0, (90, 80))]
 )
-def test_host_coverage_equals_the_traced_one(dx, dy, shape):
+def test_host_coverage_equals_the_traced_one(dx, dy, shape, nodata):
     """The task's pre-check (numpy, the template's overlap as a slice) and the core's traced coverage agree for
-    offset, partial and missing overlaps with NO_DATA pixels in both images."""
+    offset, partial and missing overlaps, with NO_DATA pixels in both images and without any."""
     from jaxdiff._plan import coverage
 
     rng = np.random.default_rng(abs(dx) + 100 * abs(dy))
     pair = jd.sim.simulate_pair((90, 80), seed=2, n_stars=5)
     t, s = pair.template, pair.science
     nd_t, nd_s = (1 << dict(e.mask_planes)["NO_DATA"] for e in (t, s))
-    t_mask = np.where(rng.uniform(size=shape) < 0.1, nd_t, 0).astype(np.asarray(t.mask).dtype)
-    s_mask = np.asarray(s.mask) | np.where(rng.uniform(size=s.shape) < 0.05, nd_s, 0).astype(t_mask.dtype)
+    t_mask = np.where(rng.uniform(size=shape) < nodata, nd_t, 0).astype(np.asarray(t.mask).dtype)
+    s_mask = np.asarray(s.mask) | np.where(rng.uniform(size=s.shape) < nodata / 2, nd_s, 0).astype(t_mask.dtype)
     x0, y0 = (int(v) for v in np.asarray(s.xy0))
     t = dataclasses.replace(
         t, image=np.zeros(shape, np.float32), variance=np.ones(shape, np.float32), mask=t_mask, xy0=(x0 - dx, y0 - dy)
@@ -272,3 +273,32 @@ def test_host_coverage_equals_the_traced_one(dx, dy, shape):
     ) == 0
     expected = np.mean(t_has & ((s_mask & nd_s) == 0))
     assert float(host) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("case", ["clean", "nan", "negative", "inf", "nan image", "none usable", "last row"])
+def test_data_facts_equal_the_pixelwise_definition(case):
+    """The task's host checks (fast paths for valid data) count what the pixel-wise definitions count."""
+    from jaxdiff._plan import data_facts
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(150, 40)).astype(np.float32)
+    variance = rng.uniform(0.5, 2.0, size=image.shape).astype(np.float32)
+    bad = rng.uniform(size=image.shape) < 0.01
+    if case in ("nan", "negative", "inf"):
+        variance[bad] = {"nan": np.nan, "negative": -1.0, "inf": np.inf}[case]
+    elif case == "nan image":
+        image[bad], variance[bad] = np.nan, np.nan
+    elif case == "none usable":
+        variance[:] = 0.0
+    elif case == "last row":
+        variance[:-1] = 0.0
+        variance[-1, 5] = 1.0
+    e = jd.Exposure(image, variance, np.zeros(image.shape, np.int32))
+    found = data_facts(e, e)
+    usable = bool(np.any(np.isfinite(image) & np.isfinite(variance) & (variance > 0)))
+    invalid = int(np.count_nonzero(np.isfinite(image) & ~(np.isfinite(variance) & (variance >= 0))))
+    for name in ("template", "science"):
+        assert found[f"{name}_usable"] is usable
+        assert found[f"{name}_bad_variance"] == invalid
+    assert usable == (case != "none usable")
+    assert (invalid > 0) == (case in ("nan", "negative", "inf"))
