@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._mask import bitmask
-from ._stats import _IQR_TO_SIGMA, median_background, quantile_masked, usable
+from ._stats import _IQR_TO_SIGMA, grid_stride, median_background, quantile_masked, usable
 from ._types import Bool, Image
 from .convolve import next_fast_len
 
@@ -60,8 +60,8 @@ NOT_DATA = (
 
 
 def block_size(shape: tuple[int, int], max_pixels: int = MAX_PIXELS) -> int:
-    """The block side b (static): 1 for images of at most `max_pixels` pixels, else ⌈√(n / max_pixels)⌉."""
-    return max(1, math.ceil(math.sqrt(shape[0] * shape[1] / max_pixels)))
+    """The block side b (static): `_stats.grid_stride`, the stride of `variance_factor`'s grid."""
+    return grid_stride(shape, max_pixels)
 
 
 def _block_sums(arrays, b: int) -> tuple:

@@ -17,9 +17,9 @@ from ._config import SubtractConfig
 from ._errors import BadSubtractionError
 from ._exposure import Exposure
 from ._mask import bitmask
-from ._noise import block_size
 from ._psf import FWHM_PER_SIGMA, Psf, host_sigma_xy
 from ._sources import Sources
+from ._stats import grid_stride
 
 _AB_NJY = 31.4  # AB magnitude of 1 nJy
 _NSIGMA = 5.0  # limiting magnitudes are for 5σ point sources, as ip_diffim's
@@ -200,11 +200,11 @@ def start_input_figures(template: Exposure, science: Exposure, widths, pool) -> 
 
 def _exposure_limiting_magnitude(e: Exposure, sigma_xy) -> float | None:
     """`limiting_magnitude` with the median variance of a regular grid of at most `_MAGLIM_SAMPLES` pixels
-    (every s-th row and column, s = `block_size`): variance planes are smooth, and the full-image median cost
+    (every s-th row and column, s = `_stats.grid_stride`): variance planes are smooth, and the full-image median cost
     20-25 ms per image at 2048² beside the running subtraction; the grid moved the magnitudes of the benchmark
     pairs (2048², 4096²) and of the JWST cut-out by at most 0.00014)."""
     var, mask = (np.asarray(a) for a in jax.device_get((e.variance, e.mask)))
-    s = block_size(var.shape, _MAGLIM_SAMPLES)
+    s = grid_stride(var.shape, _MAGLIM_SAMPLES)
     var, mask = var[::s, ::s], mask[::s, ::s]
     good = np.isfinite(var) & (var > 0) & ((mask & bitmask(e.mask_planes, ("NO_DATA", "BAD", "SAT"))) == 0)
     return limiting_magnitude(var, good, sigma_xy, float(np.asarray(e.photo_calib)))

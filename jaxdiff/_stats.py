@@ -222,6 +222,12 @@ def median_background(image: Image, good: Bool[Array, "ny nx"], bin_size: int = 
     return (wy @ med @ wx.T).astype(out_dtype)
 
 
+def grid_stride(shape: tuple[int, int], max_pixels: int) -> int:
+    """The stride s (static) of a regular grid of every s-th row and column that keeps at most about `max_pixels`
+    of an image of `shape`: 1 up to `max_pixels` pixels, else ⌈√(n_pixels / max_pixels)⌉."""
+    return max(1, math.ceil(math.sqrt(shape[0] * shape[1] / max_pixels)))
+
+
 def variance_factor(
     image: Image,
     variance: Image,
@@ -254,7 +260,7 @@ def variance_factor(
         (factor, ratio_estimate, level_estimate, n_good): the factor to apply, both estimates (NaN with fewer
         than 2 good pixels) and the number of good pixels.
     """
-    stride = max(1, math.ceil(math.sqrt(image.size / max_pixels)))
+    stride = grid_stride(image.shape, max_pixels)
     if stride > 1:
         image, variance, good = image[::stride, ::stride], variance[::stride, ::stride], good[::stride, ::stride]
         # bins keep bin_size samples per side (bin_size·s pixels): a median over fewer samples follows the noise
