@@ -179,3 +179,23 @@ def test_variance_levels_equal_separate_levels():
     for level, v, g in zip(together, planes, goods, strict=True):
         assert float(level) == float(variance_level(v, g))
     assert abs(float(together[1]) / float(together[0]) - 4.0) < 0.1
+
+
+@pytest.mark.parametrize("shape", [(1080, 40), (270, 36), (97, 20)])
+def test_power_spectrum_in_row_blocks_equals_the_fft(shape, rng):
+    """|rfft2|² of the centred kernel, built in blocks of rows (a divisor of the grid's rows where one is near the
+    block size, else with a remainder block), equals numpy's transform of the kernel placed at the origin."""
+    from jaxdiff.decorrelate import _power_spectrum, _row_block
+
+    kernel = rng.normal(size=(7, 7))
+    grid = np.zeros(shape)
+    h = 3
+    for v in range(-h, h + 1):  # element [h + v, h + u] is offset (u, v): wrap it around the origin
+        for u in range(-h, h + 1):
+            grid[v % shape[0], u % shape[1]] = kernel[h + v, h + u]
+    expected = np.abs(np.fft.rfft2(grid)) ** 2
+    out = np.asarray(_power_spectrum(jnp.asarray(kernel, jnp.float32), shape, block=64))
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-4 * expected.max())
+    assert shape[0] % _row_block(shape[0], 64) == 0 or _row_block(shape[0], 64) == 64
+    assert _row_block(4320, 256) == 240 and _row_block(2160, 256) == 240 and _row_block(1080, 256) == 216
