@@ -35,7 +35,7 @@ class StampData(eqx.Module):
     cy: Array
     valid: Array  # (N,) bool
     # the residual tests' precision: the convolved image's own (a float32 image's stamps hold float32 data)
-    test_dtype: object = eqx.field(static=True, default=None)
+    test_dtype: object = eqx.field(static=True)
 
 
 class FitResult(eqx.Module):
@@ -86,12 +86,10 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
 
     k = basis.shape[-1]
 
-    test_dtype = dtype if data.test_dtype is None else data.test_dtype
-
     def spectra(x_stamp, vx_stamp):
         # reused by every residual test, at the image's precision (the normal equations keep the solve dtype);
         # float32 is plenty for the K² ∗ V_X term that only scales the residuals
-        return stamp_spectrum(x_stamp.astype(test_dtype), k), stamp_spectrum(vx_stamp.astype(jnp.float32), k)
+        return stamp_spectrum(x_stamp.astype(data.test_dtype), k), stamp_spectrum(vx_stamp.astype(jnp.float32), k)
 
     x_spec, vx_spec = _stamps.over_slots(jax.vmap(spectra), valid, data.x_stamp, data.vx_stamp, axis_name=axis_name)
 

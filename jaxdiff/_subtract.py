@@ -38,6 +38,7 @@ from ._result import SubtractResult
 from ._sources import Sources
 from ._stats import quantile_masked, standard_good, usable, variance_factor
 from ._types import select, solve_dtype
+from .solvers._normal import split_theta
 
 _RESCALE_EXCLUDE = ("DETECTED", "DETECTED_NEGATIVE", "BAD", "SAT", "NO_DATA", "INTRP")
 # |pixel| at or above this is a fill sentinel (SExtractor/IRAF use ±1e30), not data: treated like NaN, since a
@@ -470,16 +471,10 @@ def fit(sel: Selection, box, config: SubtractConfig, axis_name: str | None = Non
     n = sel.basis_images.shape[0]
     P = spatial.n_terms(cfg.spatial_kernel_order)
     result = fit_kernel(sel.data, sel.basis_images, sel.factors, cfg.solver, cfg, sel.reg, axis_name)
-    theta = result.theta
-    coeffs = (
-        jnp.zeros((n, P), theta.dtype)
-        .at[0, 0]
-        .set(theta[0])
-        .at[1:, :]
-        .set(theta[1 : 1 + (n - 1) * P].reshape(n - 1, P))
-    )
+    theta0, kernel_terms, bg_terms = split_theta(result.theta, n, P)
+    coeffs = jnp.zeros((n, P), theta0.dtype).at[0, 0].set(theta0).at[1:, :].set(kernel_terms)
     kernel = SpatialKernel(sel.basis_images, coeffs, box, cfg.spatial_kernel_order, cfg.spatial_model_type)
-    return Fitted(result, kernel, theta[1 + (n - 1) * P :])
+    return Fitted(result, kernel, bg_terms)
 
 
 def difference(prep: Prepared, sel: Selection, fitted: Fitted, config: SubtractConfig, plan: Plan) -> SubtractResult:

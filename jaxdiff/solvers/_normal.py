@@ -137,6 +137,18 @@ def _terms(p, q):
     return {"one": jnp.ones_like(p[..., :1]), "p": p, "q": q}
 
 
+def _group_blocks(n: int, p, q, block):
+    """The (θ, θ) matrix whose block for row groups (ri, gi), (rj, gj) of `spatial_groups` is
+    `block(ri, terms[gi], rj, terms[gj])`, shaped (|ri|·len(g_i), |rj|·len(g_j))."""
+    terms = _terms(p, q)
+    groups = spatial_groups(n, p.shape[-1], q.shape[-1])
+
+    def flat(m):  # (i, a, j, b) -> ((i, a), (j, b))
+        return m.reshape(m.shape[0] * m.shape[1], m.shape[2] * m.shape[3])
+
+    return jnp.block([[flat(block(ri, terms[gi], rj, terms[gj])) for rj, gj in groups] for ri, gi in groups])
+
+
 def global_normal(Ms, bs, p, q, weights):
     """M = Σ_s w_s E_sᵀ M_s E_s and b = Σ_s w_s E_sᵀ b_s for the spatial unknowns θ (layout: `spatial_groups`).
 
@@ -148,41 +160,36 @@ def global_normal(Ms, bs, p, q, weights):
         stamps; weights: (N,) 0/1 activity.
     """
     n = Ms.shape[-1] - 1
-    terms = _terms(p, q)
-    groups = spatial_groups(n, p.shape[-1], q.shape[-1])
     Mw = Ms * weights[:, None, None]
     bw = bs * weights[:, None]
 
-    def block(ri, gi, rj, gj):
-        z = terms[gi][:, :, None] * terms[gj][:, None, :]
-        m = jnp.einsum("sij,sab->iajb", Mw[:, ri, rj], z)
-        return m.reshape(m.shape[0] * m.shape[1], m.shape[2] * m.shape[3])
+    def block(ri, g, rj, h):
+        return jnp.einsum("sij,sab->iajb", Mw[:, ri, rj], g[:, :, None] * h[:, None, :])
 
-    M = jnp.block([[block(ri, gi, rj, gj) for rj, gj in groups] for ri, gi in groups])
+    terms = _terms(p, q)
+    groups = spatial_groups(n, p.shape[-1], q.shape[-1])
     b = jnp.concatenate([jnp.einsum("si,sa->ia", bw[:, ri], terms[gi]).reshape(-1) for ri, gi in groups])
-    return M, b
+    return _group_blocks(n, p, q, block), b
 
 
 def lifted_mean(G, tau, p, q):
     """Σ_s τ_s E_sᵀ G E_s for one (n + 1)² matrix G shared by the stamps (the fit's preconditioner, §8.3)."""
-    n = G.shape[-1] - 1
-    terms = _terms(p, q)
-    groups = spatial_groups(n, p.shape[-1], q.shape[-1])
 
-    def block(ri, gi, rj, gj):
-        z = jnp.einsum("s,sa,sb->ab", tau, terms[gi], terms[gj])
-        m = jnp.einsum("ij,ab->iajb", G[ri, rj], z)
-        return m.reshape(m.shape[0] * m.shape[1], m.shape[2] * m.shape[3])
+    def block(ri, g, rj, h):
+        return jnp.einsum("ij,ab->iajb", G[ri, rj], jnp.einsum("s,sa,sb->ab", tau, g, h))
 
-    return jnp.block([[block(ri, gi, rj, gj) for rj, gj in groups] for ri, gi in groups])
+    return _group_blocks(G.shape[-1] - 1, p, q, block)
+
+
+def split_theta(theta, n: int, n_kernel_terms: int):
+    """θ in the layout of `spatial_groups` as (θ_0 (), the kernel terms (n − 1, P), the background terms (Q,))."""
+    P = n_kernel_terms
+    return theta[0], theta[1 : 1 + (n - 1) * P].reshape(n - 1, P), theta[1 + (n - 1) * P :]
 
 
 def stamp_alphas(theta, p, q, n: int):
     """α_s = E_s θ for every stamp: (N, n + 1)."""
-    N, P = p.shape
-    cols = [jnp.broadcast_to(theta[0], (N, 1))]
-    if n > 1:
-        cols.append(p @ theta[1 : 1 + (n - 1) * P].reshape(n - 1, P).T)
-    bg = theta[1 + (n - 1) * P :]
-    cols.append((q @ bg)[:, None] if q.shape[-1] > 0 else jnp.zeros((N, 1), theta.dtype))
-    return jnp.concatenate(cols, axis=1)
+    N = p.shape[0]
+    theta0, kernel, bg = split_theta(theta, n, p.shape[-1])
+    bg_col = (q @ bg)[:, None] if q.shape[-1] > 0 else jnp.zeros((N, 1), theta.dtype)
+    return jnp.concatenate([jnp.broadcast_to(theta0, (N, 1)), p @ kernel.T, bg_col], axis=1)
