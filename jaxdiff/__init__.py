@@ -17,6 +17,9 @@ from ._errors import (
     NoWorkFound as NoWorkFound,
 )
 from ._errors import (
+    SpatialOrderWarning as SpatialOrderWarning,
+)
+from ._errors import (
     UnsupportedModeError as UnsupportedModeError,
 )
 from ._exposure import Exposure as Exposure

@@ -30,6 +30,11 @@ class NoKernelCandidatesError(RuntimeError):
     """No kernel stamp survived the rejection loop."""
 
 
+class SpatialOrderWarning(UserWarning):
+    """Too few kernel stamps survived to determine the configured spatial orders: the fit used lower ones (the
+    metadata's `spatial_kernel_order_used` and `spatial_bg_order_used`)."""
+
+
 class BadSubtractionError(RuntimeError):
     """The difference keeps too much of the science sources' flux (ip_diffim's `BadSubtractionError`): raised
     only when `config.raise_on_bad_subtraction_ratio` is set."""

@@ -107,6 +107,8 @@ def fit_fixed_kernel(prep: Prepared, kernel: SpatialKernel, config: SubtractConf
         residual_mean=mean,
         residual_std=std,
         stamp_kernel_sums=kernel.coefficients[0, :1],
+        kernel_order_used=jnp.asarray(kernel.order, jnp.int32),
+        bg_order_used=jnp.asarray(cfg.spatial_bg_order, jnp.int32),
     )
     extra = dict(
         n_fit_pixels=cnt.astype(jnp.int32),

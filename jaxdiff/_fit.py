@@ -10,13 +10,16 @@ from ._stats import clipped_mean_std
 from ._types import Array, Float
 from .solvers import symmetric_solve
 from .solvers._normal import (
+    determined_terms,
     global_normal,
     lifted_mean,
     residual_stats,
+    restrict,
     stamp_alphas,
     stamp_designs,
     stamp_normal,
     stamp_spectrum,
+    theta_mask,
 )
 
 
@@ -50,6 +53,9 @@ class FitResult(eqx.Module):
     residual_mean: Array
     residual_std: Array
     stamp_kernel_sums: Array
+    # the spatial orders solved for: the configured ones unless too few stamps survive (`determined_terms`)
+    kernel_order_used: Array
+    bg_order_used: Array
 
 
 def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name: str | None = None) -> FitResult:
@@ -134,9 +140,18 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
     Ms_sg, bs_sg = lax.stop_gradient(Ms), lax.stop_gradient(bs)
     ksum_sg = lax.stop_gradient(ksum)
 
+    P, Q = data.p.shape[-1], data.q.shape[-1]
+
+    def determined(active):
+        """The θ entries the active stamps determine, and the kernel and background orders they keep."""
+        n_active = lax.stop_gradient(jnp.sum(active))
+        (kept_p, order_p), (kept_q, order_q) = determined_terms(n_active, P), determined_terms(n_active, Q)
+        return theta_mask(n, P, Q, kept_p, kept_q), order_p, order_q
+
     def solve_sg(active):
         M, b = global_normal(Ms_sg, bs_sg, p_sg, q_sg, active.astype(dtype))
-        return symmetric_solve(M, b)
+        mask = determined(active)[0]
+        return symmetric_solve(restrict(M, mask), jnp.where(mask, b, 0.0))
 
     # Kernel-sum clipping (cheap, on the stamps' sums) runs to convergence before every spatial test (a global
     # solve and a residual test of every stamp): a rejection can promote a replacement star into its cell, so
@@ -172,7 +187,8 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
 
     M, b = global_normal(Ms, bs, data.p, data.q, active.astype(dtype))
     precond = _preconditioner(Ms, data.p, data.q, active.astype(dtype))
-    theta, cond_number = solver.solve(M, b, precond)
+    mask, order_p, order_q = determined(active)
+    theta, cond_number = solver.solve(restrict(M, mask), jnp.where(mask, b, 0.0), restrict(precond, mask))
     alphas = stamp_alphas(theta, data.p, data.q, n)
     mean, std = test(lax.stop_gradient(alphas))
     used = active & jnp.isfinite(mean) & jnp.isfinite(std)
@@ -189,6 +205,8 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
         residual_mean=jnp.sum(jnp.where(used, mean, 0.0)) / n_used,
         residual_std=jnp.sqrt(jnp.sum(jnp.where(used, std**2, 0.0)) / n_used),
         stamp_kernel_sums=ksum,
+        kernel_order_used=order_p,
+        bg_order_used=order_q,
     )
 
 

@@ -342,6 +342,8 @@ def fit_whole_image(prep, config, plan) -> ImageFit:
         residual_mean=stats["residual_mean"],
         residual_std=stats["residual_std"],
         stamp_kernel_sums=theta[:1],
+        kernel_order_used=zero,  # a spatially constant kernel
+        bg_order_used=jnp.asarray(cfg.spatial_bg_order, jnp.int32),
     )
     extra = dict(n_fit_pixels=stats["n_fit_pixels"], n_clipped_pixels=stats["n_clipped_pixels"])
     return ImageFit(kernel, theta[n:], fit, basis_images, factors, widths, code, extra)

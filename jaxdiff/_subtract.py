@@ -608,6 +608,8 @@ def _metadata(prep: Prepared, sel: Selection, fitted: Fitted, cfg: SubtractConfi
         n_rejected_single=fit_result.n_rejected_single,
         n_rejected_ksum=fit_result.n_rejected_ksum,
         n_rejected_spatial=fit_result.n_rejected_spatial,
+        spatial_kernel_order_used=fit_result.kernel_order_used,
+        spatial_bg_order_used=fit_result.bg_order_used,
         template_variance_factor=prep.factors[0],
         science_variance_factor=prep.factors[1],
         variance_factor_failed=prep.factor_failed,

@@ -3,6 +3,7 @@
 import concurrent.futures
 import dataclasses
 import time
+import warnings
 
 import equinox as eqx
 import jax
@@ -11,7 +12,13 @@ import numpy as np
 from . import _runtime as runtime
 from ._config import SubtractConfig, check_mode
 from ._detect import detect_sources
-from ._errors import RESULTS, InsufficientKernelSourcesError, NoKernelCandidatesError, NoWorkFound
+from ._errors import (
+    RESULTS,
+    InsufficientKernelSourcesError,
+    NoKernelCandidatesError,
+    NoWorkFound,
+    SpatialOrderWarning,
+)
 from ._existing import subtract_with_kernel
 from ._exposure import Exposure
 from ._finalize import finalize as _finalize
@@ -314,6 +321,8 @@ class AlardLuptonSubtract(eqx.Module):
                 "variance rescaling factor exceeds 10 by both estimators; the variance planes do not describe "
                 "the pixel noise (set do_scale_variance=False to skip rescaling)"
             )
+        if plan.fit_region == "stamps":
+            _warn_reduced_orders(md, cfg)
         timing["total"] = time.perf_counter() - t0
         mode = "convolveTemplate" if md.pop("convolves_template") else "convolveScience"
         metadata = dict(md)
@@ -337,6 +346,26 @@ class AlardLuptonSubtract(eqx.Module):
         metadata.update({f"timing.{k}": v for k, v in timing.items()})
         check_quality(metadata, cfg)
         return _caller_precision(dataclasses.replace(result, metadata=metadata))
+
+
+def _warn_reduced_orders(md: dict, cfg: SubtractConfig) -> None:
+    """Warn when the fit solved for lower spatial orders than configured (too few stamps survived)."""
+    reduced = [
+        f"{what} order {used} instead of {wanted}"
+        for what, used, wanted in (
+            ("kernel", md["spatial_kernel_order_used"], cfg.spatial_kernel_order),
+            ("background", md["spatial_bg_order_used"], cfg.spatial_bg_order),
+        )
+        if used < wanted
+    ]
+    if reduced:
+        warnings.warn(
+            f"only {md['n_stamps_used']} kernel stamps survived, too few to determine the configured spatial "
+            f"model: fitted {' and '.join(reduced)} (a polynomial of order o needs (o + 1)(o + 2)/2 stamps). "
+            "Give more kernel sources, a smaller size_cell or a larger n_star_per_cell, or lower the orders.",
+            SpatialOrderWarning,
+            stacklevel=3,
+        )
 
 
 def _kernel_candidates(science: Exposure, cfg: SubtractConfig) -> Sources:

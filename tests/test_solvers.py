@@ -124,3 +124,39 @@ def test_global_normal_equals_the_explicit_stamp_maps(n, P, Q):
     tau = np.trace(Ms, axis1=1, axis2=2) * w
     G = np.einsum("s,sij->ij", w, Ms) / tau.sum()
     np.testing.assert_allclose(precond, np.einsum("s,sit,ij,sju->tu", tau, E, G, E), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("n_terms_max", "expected"),
+    [
+        (6, {0: (1, 0), 1: (1, 0), 2: (1, 0), 3: (3, 1), 5: (3, 1), 6: (6, 2), 500: (6, 2)}),
+        (3, {2: (1, 0), 3: (3, 1), 9: (3, 1)}),
+        (1, {0: (1, 0), 7: (1, 0)}),
+    ],
+)
+def test_determined_terms_keep_the_highest_order_the_stamps_fix(n_terms_max, expected):
+    from jaxdiff.solvers._normal import determined_terms
+
+    for n_stamps, (kept, order) in expected.items():
+        got = determined_terms(jnp.asarray(n_stamps), n_terms_max)
+        assert (int(got[0]), int(got[1])) == (kept, order), n_stamps
+
+
+def test_a_restricted_solve_solves_the_kept_system_and_zeroes_the_rest():
+    """n = 4 basis images, P = 6 and Q = 6 terms reduced to 3 and 1: the kept block solved alone, 0 elsewhere."""
+    from jaxdiff.solvers._normal import restrict, theta_mask
+
+    n, P, Q = 4, 6, 6
+    T = 1 + (n - 1) * P + Q
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=(T, T - 5))
+    M = a @ a.T  # rank T − 5: singular as a whole
+    b = rng.normal(size=T)
+    with jax.enable_x64(True):
+        mask = np.asarray(theta_mask(n, P, Q, jnp.asarray(3), jnp.asarray(1)))
+        x = np.asarray(symmetric_solve(restrict(jnp.asarray(M), jnp.asarray(mask)), jnp.where(mask, b, 0.0)))
+    assert mask.sum() == 1 + (n - 1) * 3 + 1
+    assert mask[1 : 1 + P].tolist() == [True] * 3 + [False] * 3
+    kept = np.flatnonzero(mask)
+    np.testing.assert_allclose(x[kept], np.linalg.solve(M[np.ix_(kept, kept)], b[kept]), rtol=1e-9)
+    assert np.all(x[~mask] == 0.0)

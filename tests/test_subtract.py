@@ -416,3 +416,28 @@ def test_residual_test_model_is_the_designs_combination():
             mean, std = residual_stats(stamp, target, var_target, var_stamp, good, alpha, images, given)
             np.testing.assert_allclose(float(mean), r.mean(), rtol=1e-9, atol=1e-12)
             np.testing.assert_allclose(float(std), r.std(ddof=1), rtol=1e-9)
+
+
+def test_too_few_stamps_for_the_spatial_orders_lower_them(varying):
+    """4 kernel stars cannot determine order-2 polynomials (6 terms): the fit solves for order 1 (3 terms) in the
+    kernel and the background, says so in the metadata, and the kernel stays right; 300 stars keep the orders."""
+    pair, full = varying
+    assert (int(full.metadata["spatial_kernel_order_used"]), int(full.metadata["spatial_bg_order_used"])) == (1, 2)
+    cfg = jd.SubtractConfig(
+        do_decorrelation=False,
+        do_subtract_background=True,
+        do_scale_variance=False,
+        spatial_kernel_order=2,
+        max_kernel_sources=4,
+    )
+    r = jd.subtract(pair.template, pair.science, pair.sources, cfg)
+    md = r.metadata
+    assert int(md["status"]) == jd.RESULTS.successful
+    assert 3 <= int(md["n_stamps_used"]) <= 4
+    assert (int(md["spatial_kernel_order_used"]), int(md["spatial_bg_order_used"])) == (1, 1)
+    coeffs = np.asarray(r.psf_matching_kernel.coefficients)
+    assert coeffs.shape[1] == 6 and np.all(coeffs[:, 3:] == 0.0) and np.any(coeffs[1:, 1:3] != 0.0)
+    assert float(md["condition_number"]) < 1e12
+    bg = np.asarray(r.background_model.coefficients)
+    assert bg.shape == (6,) and np.all(bg[3:] == 0.0) and np.any(bg[:3] != 0.0)
+    assert float(md["kernel_sum"]) == pytest.approx(_FLUX_SCALE, rel=0.01)

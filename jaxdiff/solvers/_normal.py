@@ -187,6 +187,39 @@ def split_theta(theta, n: int, n_kernel_terms: int):
     return theta[0], theta[1 : 1 + (n - 1) * P].reshape(n - 1, P), theta[1 + (n - 1) * P :]
 
 
+def determined_terms(n_stamps, n_terms_max: int):
+    """How many leading spatial terms `n_stamps` stamps determine, and of which order.
+
+    Terms are ordered by total degree (`spatial.terms`), so the first `spatial.n_terms(o)` of them are the
+    model of order o. Each stamp gives one value of every coefficient, so a polynomial of n_terms(o) terms
+    needs at least as many stamps: the highest order o ≤ the configured one with n_terms(o) ≤ n_stamps is
+    kept (order 0, one term, when fewer stamps are left). Static `n_terms_max` (0: no such terms).
+
+    Returns:
+        (number of kept terms, their order), int32 scalars.
+    """
+    counts = [(o + 1) * (o + 2) // 2 for o in range(n_terms_max + 1)]
+    counts = np.array([c for c in counts if c <= n_terms_max] or [0])
+    fits = jnp.asarray(counts) <= jnp.maximum(n_stamps, 1)
+    order = jnp.maximum(jnp.sum(fits) - 1, 0).astype(jnp.int32)
+    return jnp.asarray(counts, jnp.int32)[order], order
+
+
+def theta_mask(n: int, n_kernel_terms: int, n_bg_terms: int, kept_p, kept_q):
+    """θ entries (layout of `spatial_groups`) of the first `kept_p` kernel and `kept_q` background terms."""
+    p = jnp.arange(n_kernel_terms) < kept_p
+    q = jnp.arange(n_bg_terms) < kept_q
+    return jnp.concatenate([jnp.ones(1, bool), jnp.tile(p, n - 1), q])
+
+
+def restrict(M, mask):
+    """M with the rows and columns of θ entries outside `mask` replaced by those of a diagonal matrix (their
+    own diagonal, or 1 where that is not positive), so that a solve gives them 0 and leaves the rest alone."""
+    d = jnp.diagonal(M)
+    fill = jnp.where(mask, 0.0, jnp.where(d > 0, d, 1.0))
+    return jnp.where(mask[:, None] & mask[None, :], M, 0.0) + jnp.diag(fill).astype(M.dtype)
+
+
 def stamp_alphas(theta, p, q, n: int):
     """α_s = E_s θ for every stamp: (N, n + 1)."""
     N = p.shape[0]
