@@ -24,6 +24,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from . import basis as _basis
 from ._config import SubtractConfig, check_mode
@@ -136,13 +137,28 @@ def coverage(template: Exposure, science: Exposure, xp=jnp):
         return _host_coverage(template, science, nd_t, nd_s)
     dy = science.xy0[1] - template.xy0[1]
     dx = science.xy0[0] - template.xy0[0]
-    rows = jnp.arange(ny) + dy
-    cols = jnp.arange(nx) + dx
     ty, tx = template.shape
-    inside = ((rows >= 0) & (rows < ty))[:, None] & ((cols >= 0) & (cols < tx))[None, :]
-    t_mask = template.mask[jnp.clip(rows, 0, ty - 1)][:, jnp.clip(cols, 0, tx - 1)]
-    lacks = ~inside | ((t_mask & nd_t) != 0) | ((science.mask & nd_s) != 0)
-    return 1.0 - jnp.mean(lacks.astype(jnp.float32))
+    s_lacks = (science.mask & nd_s) != 0
+
+    def fraction(lacks):
+        return 1.0 - jnp.mean(lacks.astype(jnp.float32))
+
+    def gathered():  # any overlap: the template's rows and columns gathered, those beyond it lacking data
+        rows = jnp.arange(ny) + dy
+        cols = jnp.arange(nx) + dx
+        inside = ((rows >= 0) & (rows < ty))[:, None] & ((cols >= 0) & (cols < tx))[None, :]
+        t_mask = template.mask[jnp.clip(rows, 0, ty - 1)][:, jnp.clip(cols, 0, tx - 1)]
+        return fraction(~inside | ((t_mask & nd_t) != 0) | s_lacks)
+
+    if ty < ny or tx < nx:
+        return gathered()
+
+    def sliced():  # the template's box contains the science box (as the task requires): a slice, no gather
+        t_mask = lax.dynamic_slice(template.mask, (dy, dx), (ny, nx))
+        return fraction(((t_mask & nd_t) != 0) | s_lacks)
+
+    contained = (dy >= 0) & (dy <= ty - ny) & (dx >= 0) & (dx <= tx - nx)
+    return lax.cond(contained, sliced, gathered)
 
 
 def _host_coverage(template: Exposure, science: Exposure, nd_t: int, nd_s: int) -> np.float32:

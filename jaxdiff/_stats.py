@@ -29,13 +29,14 @@ STANDARD_EXCLUSIONS: tuple[str, ...] = (
 _IQR_TO_SIGMA = 0.7413
 
 
-def _subsample(values, good, max_samples: int | None):
-    """Flatten, cast to the accumulation dtype and keep every s-th element so that at most max_samples remain."""
+def _subsample(values, good, max_samples: int | None, cast: bool = True):
+    """Flatten, cast to the accumulation dtype (unless not `cast`) and keep every s-th element so that at most
+    max_samples remain."""
     flat, keep = jnp.ravel(values), jnp.ravel(good)
     if max_samples is not None and flat.size > max_samples:
         stride = math.ceil(flat.size / max_samples)
         flat, keep = flat[::stride], keep[::stride]
-    return flat.astype(solve_dtype()), keep  # cast after striding: no image-sized float64 copy
+    return (flat.astype(solve_dtype()) if cast else flat), keep  # cast after striding: no image-sized copy
 
 
 def _sortable_int(x):
@@ -77,13 +78,20 @@ def _order_statistics_jvp(primals, tangents):
 
 
 def _quantiles_flat(flat, keep, q):
-    """Linear-interpolated quantiles of flat[keep] via a sort with the rejected values moved to +inf."""
+    """Linear-interpolated quantiles of flat[keep] via a sort with the rejected values moved to +inf.
+
+    The sort runs in the values' own float dtype (a float32 sample sorts as int32 keys, in about half the time of
+    its float64 copy: the order statistics are the same numbers); positions and interpolation use the
+    accumulation dtype, which is also the result's."""
+    acc = jnp.result_type(flat.dtype, solve_dtype())
+    if flat.dtype not in (jnp.float32, jnp.float64):  # the sortable keys are int32 or int64 bit patterns
+        flat = flat.astype(acc)
     n = jnp.sum(keep)
-    pos = jnp.asarray(q, flat.dtype) * jnp.maximum(n - 1, 0).astype(flat.dtype)
+    pos = jnp.asarray(q, acc) * jnp.maximum(n - 1, 0).astype(acc)
     lo = jnp.floor(pos).astype(jnp.int32)
     hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
     frac = pos - lo
-    a, b = _order_statistics(jnp.where(keep, flat, jnp.inf), jnp.stack([lo, hi]))
+    a, b = _order_statistics(jnp.where(keep, flat, jnp.inf), jnp.stack([lo, hi])).astype(acc)
     # a, b are finite whenever n > 0; the guard keeps inf out of the n == 0 branch and its gradient.
     a = jnp.where(n > 0, a, 0.0)
     b = jnp.where(n > 0, b, 0.0)
@@ -104,7 +112,7 @@ def quantile_masked(
     Returns:
         An array shaped like `q` in the accumulation dtype; NaN when no value is good.
     """
-    flat, keep = _subsample(values, good, max_samples)
+    flat, keep = _subsample(values, good, max_samples, cast=False)
     return _quantiles_flat(flat, keep, q)
 
 
@@ -141,8 +149,9 @@ def clipped_mean_std(
         (mean, std, n): mean and sample standard deviation (ddof 1; 0 for a single value) of the values kept by
         the last pass, in the accumulation dtype, and their count. The mean is NaN when no value is good.
     """
-    flat, keep = _subsample(values, good, max_samples)
-    med, q25, q75 = _quantiles_flat(flat, keep, jnp.array([0.5, 0.25, 0.75]))
+    raw, keep = _subsample(values, good, max_samples, cast=False)
+    flat = raw.astype(solve_dtype())
+    med, q25, q75 = _quantiles_flat(raw, keep, jnp.array([0.5, 0.25, 0.75]))
     sigma0 = _IQR_TO_SIGMA * (q75 - q25)
     centre = jnp.where(keep, med, 0.0)
     sel = keep & (jnp.abs(flat - centre) <= _clip_limit(nsigma * sigma0, med, flat.dtype))

@@ -244,11 +244,13 @@ def test_blas_limit_holds_inside_the_block_and_is_restored_after():
 
 @pytest.mark.parametrize("nodata", [0.1, 0.0])
 @pytest.mark.parametrize(
-    ("dx", "dy", "shape"), [(0, 0, (90, 80)), (7, -5, (90, 80)), (-30, 40, (60, 100)), (200, 0, (90, 80))]
+    ("dx", "dy", "shape"),
+    [(0, 0, (90, 80)), (3, 4, (100, 95)), (7, -5, (90, 80)), (-30, 40, (60, 100)), (200, 0, (90, 80))],
 )
 def test_host_coverage_equals_the_traced_one(dx, dy, shape, nodata):
     """The task's pre-check (numpy, the template's overlap as a slice) and the core's traced coverage agree for
-    offset, partial and missing overlaps, with NO_DATA pixels in both images and without any."""
+    offset, partial and missing overlaps and a template box containing the science box (the traced version's
+    slice branch), with NO_DATA pixels in both images and without any."""
     from jaxdiff._plan import coverage
 
     rng = np.random.default_rng(abs(dx) + 100 * abs(dy))
