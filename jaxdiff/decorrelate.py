@@ -109,15 +109,20 @@ def _spectra(kernel, v_u, v_c, shape, preconv_kernel):
     return c_hat, c_n, k_hat * c_hat
 
 
-def _filter_and_weights(kernel, v_u, v_c, shape, preconv_kernel):
+def _filter_and_weights(kernel, v_u, v_c, shape, preconv_kernel, dtype=None):
     """(Ĉ, w₁, w₂) from real arrays only: |ĉ_n|² = Ĉ² (× |P̂|²) and |ĉ_r|² = |K̂|² Ĉ², so no complex
-    filter products are formed on the grid (the same numbers as `_spectra` + `_mean_cross`)."""
-    dtype = solve_dtype()
+    filter products are formed on the grid (the same numbers as `_spectra` + `_mean_cross`).
+
+    `dtype`: of the grid-sized arrays (default `solve_dtype()`); the sums w₁, w₂ accumulate in `solve_dtype()`.
+    """
+    acc = solve_dtype()
+    dtype = acc if dtype is None else dtype
+    target = jnp.asarray(v_u, acc) + jnp.asarray(v_c, acc) * jnp.sum(kernel.astype(acc)) ** 2
     kernel = kernel.astype(dtype)
     v_u = jnp.asarray(v_u, dtype)
     v_c = jnp.asarray(v_c, dtype)
+    target = target.astype(dtype)
     k2 = _power_spectrum(kernel, shape)
-    target = v_u + v_c * jnp.sum(kernel) ** 2
     w = _half_plane_weights(shape, dtype)
     if preconv_kernel is None:
         c_hat = jnp.sqrt(target / (v_u + v_c * k2)).at[0, 0].set(1.0)
@@ -127,8 +132,8 @@ def _filter_and_weights(kernel, v_u, v_c, shape, preconv_kernel):
         p2 = jnp.maximum(p2_raw, 1000 * jnp.finfo(dtype).tiny)
         c_hat = (target / (v_u + v_c * k2 / p2)).at[0, 0].set(1.0)
         n2 = p2_raw * c_hat**2
-    w1 = jnp.sum(w * n2)
-    w2 = jnp.sum(w * k2 * c_hat**2)
+    w1 = jnp.sum(w * n2, dtype=acc)
+    w2 = jnp.sum(w * k2 * c_hat**2, dtype=acc)
     return c_hat, w1, w2
 
 
@@ -224,7 +229,11 @@ def decorrelate(
     if psf_size is None:
         psf_size = k if preconv_kernel is None else preconv_kernel.shape[0]
     shape = grid_shape(image.shape, k, psf_size)
-    c_hat, w1, w2 = _filter_and_weights(kernel, v_u, v_c, shape, preconv_kernel)
+    # The plain filter on the grid in the image's precision (at least float32): a float32 image meets it as
+    # float32 anyway, and grid-sized float64 arrays were the largest temporaries of a 4096² subtraction. The
+    # score filter divides |K̂|² by |P̂|², which both underflow float32 at high frequencies: it stays float64.
+    grid_dtype = jnp.result_type(image.dtype, jnp.float32) if preconv_kernel is None else None
+    c_hat, w1, w2 = _filter_and_weights(kernel, v_u, v_c, shape, preconv_kernel, grid_dtype)
     out = _apply(image, c_hat, shape)
     variance = var_u * w1.astype(var_u.dtype) + var_c * w2.astype(var_c.dtype)
     return out, variance, _real_filter(c_hat, shape, _filter_size(k, shape))

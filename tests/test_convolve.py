@@ -185,3 +185,21 @@ def test_interior_is_the_crop_of_the_full_result(rng):
     for a, b in zip(inner, full, strict=True):
         assert a.shape == (image.shape[0] - 6, image.shape[1] - 6)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b)[3:-3, 3:-3])
+
+
+def test_tiles_in_both_axes_equal_one_tile(rng):
+    """Overlap-save tiles whose last row and column of tiles overlap their neighbours (1100 × 1150 is no multiple
+    of the tiles' outputs) give the single-tile result, for polynomial weights of degree 1."""
+    from jaxdiff.convolve import _plan, _spatial_apply
+
+    ny, nx, h = 1100, 1150, 10
+    image = jnp.asarray(rng.normal(size=(ny, nx)))
+    kernels = jnp.asarray(rng.normal(size=(3, 2 * h + 1, 2 * h + 1)))
+    ty, tx = jnp.linspace(-1.0, 1.0, ny), jnp.linspace(-1.0, 1.0, nx)
+    wy = jnp.stack([jnp.ones(ny), ty, jnp.ones(ny)])
+    wx = jnp.stack([jnp.ones(nx), jnp.ones(nx), tx])
+    tiled_plan = _plan((ny, nx), h)
+    assert all(n_tiles > 1 and n_tiles * out > n for (_, out, n_tiles), n in zip(tiled_plan, (ny, nx), strict=True))
+    tiled = _spatial_apply(image, kernels, wy, wx, 1, tiled_plan)
+    single = _spatial_apply(image, kernels, wy, wx, 1, _plan((ny, nx), h, max_tile=0))
+    assert_allclose(tiled, single, rtol=0, atol=1e-9)
