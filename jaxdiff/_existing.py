@@ -14,7 +14,7 @@ from . import convolve as _convolve
 from . import spatial
 from ._config import SubtractConfig, check_mode
 from ._exposure import Exposure
-from ._fit import FitResult
+from ._fit import pixel_fit_result
 from ._image_fit import CLIP_PASSES, box_all, clip_mask, gram
 from ._kernel import SpatialKernel
 from ._mask import plane_bit
@@ -95,20 +95,14 @@ def fit_fixed_kernel(prep: Prepared, kernel: SpatialKernel, config: SubtractConf
     bg = theta[1:] if fit_flux_scale else theta
     kernel = eqx.tree_at(lambda kk: kk.coefficients, kernel, kernel.coefficients * scale.astype(sdt))
     zero = jnp.zeros((), jnp.int32)
-    fit = FitResult(
-        theta=theta,
-        condition_number=condition_number(lax.stop_gradient(G)),
-        active=jnp.zeros((1,), bool),
-        passed_single=jnp.zeros((1,), bool),
-        n_iterations=jnp.asarray(CLIP_PASSES, jnp.int32),
-        n_rejected_single=zero,
-        n_rejected_ksum=zero,
-        n_rejected_spatial=zero,
-        residual_mean=mean,
-        residual_std=std,
-        stamp_kernel_sums=kernel.coefficients[0, :1],
-        kernel_order_used=jnp.asarray(kernel.order, jnp.int32),
-        bg_order_used=jnp.asarray(cfg.spatial_bg_order, jnp.int32),
+    fit = pixel_fit_result(
+        theta,
+        condition_number(lax.stop_gradient(G)),
+        mean,
+        std,
+        kernel.coefficients[0, :1],
+        CLIP_PASSES,
+        (kernel.order, cfg.spatial_bg_order),
     )
     extra = dict(
         n_fit_pixels=cnt.astype(jnp.int32),

@@ -58,6 +58,28 @@ class FitResult(eqx.Module):
     bg_order_used: Array
 
 
+def pixel_fit_result(theta, condition_number, residual_mean, residual_std, kernel_sum, n_passes: int, orders):
+    """The `FitResult` of a fit on every usable pixel (no stamps): the whole-image fit and the fit with a given
+    kernel. `kernel_sum`: shape (1,); `n_passes`: its clipping passes; `orders`: the (kernel, background) spatial
+    orders fitted."""
+    zero = jnp.zeros((), jnp.int32)
+    return FitResult(
+        theta=theta,
+        condition_number=condition_number,
+        active=jnp.zeros((1,), bool),
+        passed_single=jnp.zeros((1,), bool),
+        n_iterations=jnp.asarray(n_passes, jnp.int32),
+        n_rejected_single=zero,
+        n_rejected_ksum=zero,
+        n_rejected_spatial=zero,
+        residual_mean=residual_mean,
+        residual_std=residual_std,
+        stamp_kernel_sums=kernel_sum,
+        kernel_order_used=jnp.asarray(orders[0], jnp.int32),
+        bg_order_used=jnp.asarray(orders[1], jnp.int32),
+    )
+
+
 def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name: str | None = None) -> FitResult:
     """Fit the spatial kernel and background from stamps.
 

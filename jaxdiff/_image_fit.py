@@ -19,7 +19,7 @@ from jax import lax
 from . import basis as _basis
 from . import spatial
 from ._config import check_fit_region
-from ._fit import FitResult
+from ._fit import FitResult, pixel_fit_result
 from ._kernel import SpatialKernel
 from ._prepare import exclusion_bits, output_planes
 from ._stats import quantile_masked, usable
@@ -329,21 +329,14 @@ def fit_whole_image(prep, config, plan) -> ImageFit:
     P = spatial.n_terms(cfg.spatial_kernel_order)
     coeffs = jnp.zeros((n, P), sdt).at[:, 0].set(theta[:n])
     kernel = SpatialKernel(basis_images, coeffs, prep.box, cfg.spatial_kernel_order, cfg.spatial_model_type)
-    zero = jnp.zeros((), jnp.int32)
-    fit = FitResult(
-        theta=theta,
-        condition_number=stats["condition_number"],
-        active=jnp.zeros((1,), bool),
-        passed_single=jnp.zeros((1,), bool),
-        n_iterations=jnp.asarray(CLIP_PASSES, jnp.int32),
-        n_rejected_single=zero,
-        n_rejected_ksum=zero,
-        n_rejected_spatial=zero,
-        residual_mean=stats["residual_mean"],
-        residual_std=stats["residual_std"],
-        stamp_kernel_sums=theta[:1],
-        kernel_order_used=zero,  # a spatially constant kernel
-        bg_order_used=jnp.asarray(cfg.spatial_bg_order, jnp.int32),
+    fit = pixel_fit_result(
+        theta,
+        stats["condition_number"],
+        stats["residual_mean"],
+        stats["residual_std"],
+        theta[:1],
+        CLIP_PASSES,
+        (0, cfg.spatial_bg_order),  # a spatially constant kernel
     )
     extra = dict(n_fit_pixels=stats["n_fit_pixels"], n_clipped_pixels=stats["n_clipped_pixels"])
     return ImageFit(kernel, theta[n:], fit, basis_images, factors, widths, code, extra)
