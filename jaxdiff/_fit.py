@@ -53,7 +53,8 @@ class FitResult(eqx.Module):
     residual_mean: Array
     residual_std: Array
     stamp_kernel_sums: Array
-    # the spatial orders solved for: the configured ones unless too few stamps survive (`determined_terms`)
+    # the spatial orders solved for: the configured ones unless the surviving stamps cannot determine them
+    # (too few, or on a line: `determined_terms`)
     kernel_order_used: Array
     bg_order_used: Array
 
@@ -166,8 +167,8 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
 
     def determined(active):
         """The θ entries the active stamps determine, and the kernel and background orders they keep."""
-        n_active = lax.stop_gradient(jnp.sum(active))
-        (kept_p, order_p), (kept_q, order_q) = determined_terms(n_active, P), determined_terms(n_active, Q)
+        w = active.astype(dtype)
+        (kept_p, order_p), (kept_q, order_q) = determined_terms(data.p, w, P), determined_terms(data.q, w, Q)
         return theta_mask(n, P, Q, kept_p, kept_q), order_p, order_q
 
     def solve_sg(active):

@@ -360,9 +360,10 @@ def _warn_reduced_orders(md: dict, cfg: SubtractConfig) -> None:
     ]
     if reduced:
         warnings.warn(
-            f"only {md['n_stamps_used']} kernel stamps survived, too few to determine the configured spatial "
-            f"model: fitted {' and '.join(reduced)} (a polynomial of order o needs (o + 1)(o + 2)/2 stamps). "
-            "Give more kernel sources, a smaller size_cell or a larger n_star_per_cell, or lower the orders.",
+            f"the {md['n_stamps_used']} surviving kernel stamps cannot determine the configured spatial model: "
+            f"fitted {' and '.join(reduced)} (a polynomial of order o needs (o + 1)(o + 2)/2 stamps, not all on "
+            "one line). Give more kernel sources, a smaller size_cell or a larger n_star_per_cell, or lower the "
+            "orders.",
             SpatialOrderWarning,
             stacklevel=3,
         )

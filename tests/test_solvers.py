@@ -126,20 +126,48 @@ def test_global_normal_equals_the_explicit_stamp_maps(n, P, Q):
     np.testing.assert_allclose(precond, np.einsum("s,sit,ij,sju->tu", tau, E, G, E), rtol=1e-12, atol=1e-10)
 
 
+def _stamp_terms(x, y, order):
+    from jaxdiff import spatial
+
+    box = jnp.array([0.0, 0.0, 2048.0, 2048.0])
+    return spatial.terms(jnp.asarray(x, float), jnp.asarray(y, float), box, order).T
+
+
 @pytest.mark.parametrize(
-    ("n_terms_max", "expected"),
-    [
-        (6, {0: (1, 0), 1: (1, 0), 2: (1, 0), 3: (3, 1), 5: (3, 1), 6: (6, 2), 500: (6, 2)}),
-        (3, {2: (1, 0), 3: (3, 1), 9: (3, 1)}),
-        (1, {0: (1, 0), 7: (1, 0)}),
-    ],
+    ("n_stamps", "expected"),
+    [(0, (1, 0)), (1, (1, 0)), (2, (1, 0)), (3, (3, 1)), (5, (3, 1)), (6, (6, 2)), (40, (6, 2))],
 )
-def test_determined_terms_keep_the_highest_order_the_stamps_fix(n_terms_max, expected):
+def test_determined_terms_keep_the_highest_order_the_stamps_fix(n_stamps, expected):
+    """Stamps spread over the field: an order-o polynomial (n_terms(o) terms) needs n_terms(o) of them."""
     from jaxdiff.solvers._normal import determined_terms
 
-    for n_stamps, (kept, order) in expected.items():
-        got = determined_terms(jnp.asarray(n_stamps), n_terms_max)
-        assert (int(got[0]), int(got[1])) == (kept, order), n_stamps
+    rng = np.random.default_rng(n_stamps)
+    x, y = rng.uniform(100, 1900, 40), rng.uniform(100, 1900, 40)
+    with jax.enable_x64(True):
+        weights = (jnp.arange(40) < n_stamps).astype(float)
+        kept, order = determined_terms(_stamp_terms(x, y, 2), weights, 6)
+        assert (int(kept), int(order)) == expected
+        kept1, order1 = determined_terms(_stamp_terms(x, y, 1), weights, 3)  # a configured order 1 stays ≤ 1
+        assert (int(kept1), int(order1)) == (min(expected[0], 3), min(expected[1], 1))
+        assert tuple(map(int, determined_terms(jnp.zeros((40, 0)), weights, 0))) == (0, 0)
+
+
+def test_stamps_on_a_line_do_not_determine_the_other_coordinate():
+    """20 stamps on one row fix no y dependence: order 0, whatever their number. Stamps off the row: one gives
+    order 1 (3 terms); order 2 (6 terms) needs three, since the row itself spans only 1, x and x²."""
+    from jaxdiff.solvers._normal import determined_terms
+
+    x = np.linspace(100, 1900, 20)
+    with jax.enable_x64(True):
+        w = jnp.ones(20)
+        assert tuple(map(int, determined_terms(_stamp_terms(x, np.full(20, 700.0), 2), w, 6))) == (1, 0)
+        y = np.full(20, 700.0)
+        y[7] = 1500.0
+        assert tuple(map(int, determined_terms(_stamp_terms(x, y, 2), w, 6))) == (3, 1)
+        y[12] = 300.0  # 2 stamps off the row: 5 independent directions of the 6 order-2 terms
+        assert tuple(map(int, determined_terms(_stamp_terms(x, y, 2), w, 6))) == (3, 1)
+        y[3] = 1200.0
+        assert tuple(map(int, determined_terms(_stamp_terms(x, y, 2), w, 6))) == (6, 2)
 
 
 def test_a_restricted_solve_solves_the_kept_system_and_zeroes_the_rest():

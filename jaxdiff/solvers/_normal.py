@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from .._types import Array, Float
 
@@ -187,21 +188,43 @@ def split_theta(theta, n: int, n_kernel_terms: int):
     return theta[0], theta[1 : 1 + (n - 1) * P].reshape(n - 1, P), theta[1 + (n - 1) * P :]
 
 
-def determined_terms(n_stamps, n_terms_max: int):
-    """How many leading spatial terms `n_stamps` stamps determine, and of which order.
+# The smallest eigenvalue, relative to the largest, of the stamps' unit-diagonal term Gram matrix for which a
+# spatial order counts as determined: below it the positions barely constrain some polynomial (stamps along a line
+# leave every term in the other coordinate undetermined) and its coefficients would follow the noise.
+TERM_CONDITION_MIN = 1e-6
+
+
+def determined_terms(terms, weights, n_terms_max: int):
+    """How many leading spatial terms the active stamps determine, and of which order.
 
     Terms are ordered by total degree (`spatial.terms`), so the first `spatial.n_terms(o)` of them are the
-    model of order o. Each stamp gives one value of every coefficient, so a polynomial of n_terms(o) terms
-    needs at least as many stamps: the highest order o ≤ the configured one with n_terms(o) ≤ n_stamps is
-    kept (order 0, one term, when fewer stamps are left). Static `n_terms_max` (0: no such terms).
+    model of order o. Each stamp gives one value of every coefficient, so the order-o polynomial is determined
+    when its terms at the stamps are linearly independent: at least n_terms(o) stamps, and not all on a line
+    (or another curve of that order). The highest order o ≤ the configured one whose unit-diagonal term Gram
+    matrix has no eigenvalue below `TERM_CONDITION_MIN` times its largest is kept; order 0 (one term) when
+    none is.
+
+    Arguments:
+        terms: (N, P) spatial terms at the stamp positions (P = `n_terms_max`, static; 0: no such terms).
+        weights: (N,) 1 for active stamps, 0 otherwise.
 
     Returns:
         (number of kept terms, their order), int32 scalars.
     """
-    counts = [(o + 1) * (o + 2) // 2 for o in range(n_terms_max + 1)]
-    counts = np.array([c for c in counts if c <= n_terms_max] or [0])
-    fits = jnp.asarray(counts) <= jnp.maximum(n_stamps, 1)
-    order = jnp.maximum(jnp.sum(fits) - 1, 0).astype(jnp.int32)
+    counts = [c for c in ((o + 1) * (o + 2) // 2 for o in range(n_terms_max + 1)) if c <= n_terms_max]
+    if not counts:
+        zero = jnp.zeros((), jnp.int32)
+        return zero, zero
+    terms, weights = lax.stop_gradient((terms, weights))
+    gram = jnp.einsum("s,sa,sb->ab", weights, terms, terms)
+    diag = jnp.diagonal(gram)
+    scale = 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
+    unit = gram * scale[:, None] * scale[None, :]
+    fixed = []
+    for c in counts:
+        ev = jnp.linalg.eigvalsh(unit[:c, :c])
+        fixed.append(jnp.all(diag[:c] > 0) & (ev[0] > TERM_CONDITION_MIN * ev[-1]))
+    order = jnp.maximum(jnp.sum(jnp.cumprod(jnp.stack(fixed).astype(jnp.int32))) - 1, 0).astype(jnp.int32)
     return jnp.asarray(counts, jnp.int32)[order], order
 
 
