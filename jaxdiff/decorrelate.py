@@ -230,7 +230,7 @@ def decorrelate(
         psf_size = k if preconv_kernel is None else preconv_kernel.shape[0]
     shape = grid_shape(image.shape, k, psf_size)
     # The plain filter on the grid in the image's precision (at least float32): a float32 image meets it as
-    # float32 anyway, and grid-sized float64 arrays were the largest temporaries of a 4096² subtraction. The
+    # float32 anyway, and grid-sized float64 arrays would be among the largest temporaries of a large image. The
     # score filter divides |K̂|² by |P̂|², which both underflow float32 at high frequencies: it stays float64.
     grid_dtype = jnp.result_type(image.dtype, jnp.float32) if preconv_kernel is None else None
     c_hat, w1, w2 = _filter_and_weights(kernel, v_u, v_c, shape, preconv_kernel, grid_dtype)
