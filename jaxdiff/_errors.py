@@ -31,8 +31,9 @@ class NoKernelCandidatesError(RuntimeError):
 
 
 class SpatialOrderWarning(UserWarning):
-    """Too few kernel stamps survived to determine the configured spatial orders: the fit used lower ones (the
-    metadata's `spatial_kernel_order_used` and `spatial_bg_order_used`)."""
+    """The surviving kernel stamps cannot determine the configured spatial orders (too few of them, or positions
+    along one line): the fit used lower ones (the metadata's `spatial_kernel_order_used` and
+    `spatial_bg_order_used`)."""
 
 
 class BadSubtractionError(RuntimeError):

@@ -349,7 +349,8 @@ class AlardLuptonSubtract(eqx.Module):
 
 
 def _warn_reduced_orders(md: dict, cfg: SubtractConfig) -> None:
-    """Warn when the fit solved for lower spatial orders than configured (too few stamps survived)."""
+    """Warn when the fit solved for lower spatial orders than configured (the surviving stamps could not
+    determine them)."""
     reduced = [
         f"{what} order {used} instead of {wanted}"
         for what, used, wanted in (
