@@ -17,7 +17,7 @@ from ._exposure import Exposure
 from ._fit import pixel_fit_result
 from ._image_fit import CLIP_PASSES, box_all, clip_mask, gram
 from ._kernel import SpatialKernel
-from ._mask import plane_bit
+from ._mask import free_bits, plane_bit
 from ._plan import Plan, psf_size_for
 from ._prepare import exclusion_bits, output_planes
 from ._sources import Sources, capacity_for
@@ -58,6 +58,7 @@ def fit_fixed_kernel(prep: Prepared, kernel: SpatialKernel, config: SubtractConf
         valid=x.inside,
         edge_bit=plane_bit(planes, "EDGE"),
         interior=h,
+        spare_bits=free_bits(planes, 3),
     )
     x_ok = x.inside & ((x.mask & excl) == 0) & usable(x.image, x.variance)
     bad = ((prep.mask_s | prep.t_box.mask) & excl) != 0

@@ -63,6 +63,12 @@ def add_planes(table: PlaneTable, names: Iterable[str]) -> PlaneTable:
     return as_plane_table(table)
 
 
+def free_bits(table: PlaneTable, n: int) -> tuple[int, ...]:
+    """The lowest `n` bits (0..30) that no plane of the table uses; fewer when the table leaves fewer free."""
+    used = {b for _, b in table}
+    return tuple(b for b in range(31) if b not in used)[:n]
+
+
 def dilate(mask, half: int, axis_order=(0, 1)):
     """OR every pixel's bits over a (2h+1)² box, separably (a mask growth by h pixels).
 

@@ -27,7 +27,7 @@ from ._finalize import decorrelate_arrays, edge_pixels, variance_levels
 from ._fit import FitResult, StampData, fit_kernel
 from ._image_fit import fit_whole_image
 from ._kernel import SpatialKernel
-from ._mask import bitmask, plane_bit
+from ._mask import bitmask, free_bits, plane_bit
 from ._noise import MAX_PIXELS as NOISE_PIXELS
 from ._noise import block_size, exposure_source_free
 from ._plan import PRECONVOLUTION_WIDTH, Plan, canonical_psf, convolves_template, coverage, make_plan, width_kwargs
@@ -512,6 +512,7 @@ def difference(prep: Prepared, sel: Selection, fitted: Fitted, config: SubtractC
         preserve_bits=bitmask(out_planes, cfg.preserve_mask_planes),
         offset=x_med.astype(img_dtype),
         interior=h,
+        spare_bits=free_bits(out_planes, 3),
     )
 
     # --- difference (§10): convolveTemplate S − K∗T − B; convolveScience (K∗S − T + B)/κ₀ = −(T − K∗S − B)/κ₀ ---

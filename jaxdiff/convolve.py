@@ -12,7 +12,7 @@ weighted sum of P convolved planes disappears).
 """
 
 import math
-from functools import cache
+from functools import cache, reduce
 
 import jax.numpy as jnp
 import numpy as np
@@ -221,6 +221,26 @@ def _box_any(flag: Bool[Array, "ny nx"], h: int, outside: bool) -> Bool[Array, "
     return f > 0
 
 
+def _box_flags(mask: MaskImage, flags, bits: tuple[int, ...], h: int, crop):
+    """`_box_any` of each flag (the last one counting pixels beyond the array) and the dilated mask, from one
+    dilation of the mask with the flags written into `bits`, bits that no mask plane uses; all cropped to `crop`.
+    """
+    values = [jnp.asarray(1 << b, mask.dtype) for b in bits]
+    packed = mask
+    for flag, value in zip(flags, values, strict=True):
+        packed = packed | jnp.where(flag, value, jnp.zeros((), mask.dtype))
+    grown = dilate(packed, h)[crop]
+    found = [(grown & v) != 0 for v in values]
+    rows, cols = crop
+    ny, nx = mask.shape
+    if rows.start < h or cols.start < h:  # kept pixels whose box leaves the array: the last flag counts them
+        r = lax.broadcasted_iota(jnp.int32, grown.shape, 0) + rows.start
+        q = lax.broadcasted_iota(jnp.int32, grown.shape, 1) + cols.start
+        found[-1] = found[-1] | (r < h) | (r >= ny - h) | (q < h) | (q >= nx - h)
+    cleared = grown & ~reduce(jnp.bitwise_or, values)
+    return (*found, cleared)
+
+
 def convolve_spatial(
     image: Image,
     variance: Image,
@@ -235,6 +255,7 @@ def convolve_spatial(
     offset: Float[Array, ""] | float = 0.0,
     degree: int | None = None,
     interior: int = 0,
+    spare_bits: tuple[int, ...] = (),
 ) -> tuple[Image, Image, MaskImage]:
     """Apply a spatially varying kernel K(x, y) = Σ_p f_p(x, y) K′_p to image, variance and mask (ALGORITHM §9).
 
@@ -254,6 +275,9 @@ def convolve_spatial(
             polynomials (as `spatial.separable_terms` are): they are carried through the transforms exactly.
         interior: return only pixels at least this far from the border (static; e.g. h for a cut-out grown
             by h around the box wanted), so no full-sized result is formed and then cropped; default 0.
+        spare_bits: mask bits (static) that no plane uses. With three of them the box tests (non-finite image,
+            non-finite variance, invalid pixels) are carried in those bits through the mask's own dilation, one
+            pass instead of four; they are cleared from the returned mask. Default: separate passes.
 
     Returns:
         (image, variance, mask), each with the input's dtype and shape (less 2·interior per axis). Outputs
@@ -291,10 +315,14 @@ def convolve_spatial(
     # matrix product held from before the transforms)
     tyc, txc = ty[:, c[0]].astype(dtype), tx[:, c[1]].astype(dtype)
     level = sum((tyc[q] * ksum[q])[:, None] * txc[q][None, :] for q in range(p))
-    out = jnp.where(_box_any(~image_ok, h, False)[c], jnp.nan, out[c] + offset * level)
-    vout = jnp.where(_box_any(~var_ok, h, False)[c], jnp.nan, vout[c])
-    mout = (dilate(mask, h)[c] & ~keep) | (mask[c] & keep)
-    edge = _box_any(invalid, h, True)[c]
+    if len(spare_bits) >= 3:
+        nan_img, nan_var, edge, grown = _box_flags(mask, (~image_ok, ~var_ok, invalid), spare_bits[:3], h, c)
+    else:
+        nan_img, nan_var = _box_any(~image_ok, h, False)[c], _box_any(~var_ok, h, False)[c]
+        edge, grown = _box_any(invalid, h, True)[c], dilate(mask, h)[c]
+    out = jnp.where(nan_img, jnp.nan, out[c] + offset * level)
+    vout = jnp.where(nan_var, jnp.nan, vout[c])
+    mout = (grown & ~keep) | (mask[c] & keep)
     out = jnp.where(edge, image[c], out)
     vout = jnp.where(edge, variance[c], vout)
     mout = jnp.where(edge, mask[c] | jnp.asarray(1 << edge_bit, mask.dtype), mout)

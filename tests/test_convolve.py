@@ -56,8 +56,13 @@ def _case(rng, order, ny=40, nx=50, k=7):
     return image, variance, mask, valid, kernels, np.asarray(tx), np.asarray(ty)
 
 
-@pytest.mark.parametrize("order", [0, 1, 2])
-def test_spatial_convolution_equals_brute_force(rng, order):
+@pytest.mark.parametrize(
+    ("order", "spare_bits", "interior"),
+    [(0, (), 0), (1, (), 0), (2, (), 0), (1, (20, 21, 22), 0), (2, (20, 21, 22), 2), (1, (20, 21, 22), 3)],
+)
+def test_spatial_convolution_equals_brute_force(rng, order, spare_bits, interior):
+    """Also with the box tests carried in spare mask bits (cleared from the result), with and without an
+    interior crop (interior < h leaves kept pixels whose box leaves the array: EDGE there)."""
     image, variance, mask, valid, kernels, tx, ty = _case(rng, order)
     got = convolve_spatial(
         jnp.asarray(image),
@@ -69,8 +74,11 @@ def test_spatial_convolution_equals_brute_force(rng, order):
         valid=jnp.asarray(valid),
         edge_bit=EDGE,
         preserve_bits=PRESERVE,
+        interior=interior,
+        spare_bits=spare_bits,
     )
-    ref = _brute_force(image, variance, mask, kernels, tx, ty, valid, EDGE, PRESERVE)
+    crop = (slice(interior, image.shape[0] - interior), slice(interior, image.shape[1] - interior))
+    ref = [r[crop] for r in _brute_force(image, variance, mask, kernels, tx, ty, valid, EDGE, PRESERVE)]
     for a, b in zip(got[:2], ref[:2], strict=True):
         a = np.asarray(a)
         np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
