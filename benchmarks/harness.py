@@ -360,7 +360,10 @@ def table(report: dict) -> str:
     lines = [head, "-" * len(head)]
     for entry in report["sizes"]:
         size = entry["size"]
-        rows = [("jaxdiff", entry["jaxdiff"])] + list(entry.get("peers", {}).items())
+        rows = [("jaxdiff", entry["jaxdiff"])]
+        if "jaxdiff_task" in entry:  # the task's times and memory (its quality is that of the same program)
+            rows.append(("  (task)", entry["jaxdiff_task"]))
+        rows += list(entry.get("peers", {}).items())
         for name, res in rows:
             if res.get("status") != "ok":
                 lines.append(f"{size:>6} {name:<10} {'skipped: ' + res.get('message', '')}")

@@ -41,8 +41,12 @@ def test_quick_benchmark_writes_complete_finite_report(tmp_path):
     assert quality["star_residual_ratio"] < 1.5
     assert quality["transient_recovery"] >= 0.9
     assert abs(quality["flux_bias"]) < 0.05
+    task = entry["jaxdiff_task"]  # the task in its own process: its time, memory and stage times
+    assert task["status"] == "ok", task
+    assert task["steady_s"] > 0 and task["peak_rss_mb"] > 0 and len(task["times_s"]) == 1
+    assert task["stages_s"]["subtract"] > 0
     assert entry["peers"] == {}
-    assert "jaxdiff" in proc.stdout and "256" in proc.stdout
+    assert "jaxdiff" in proc.stdout and "(task)" in proc.stdout and "256" in proc.stdout
 
 
 @pytest.mark.slow
