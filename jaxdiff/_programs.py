@@ -57,6 +57,11 @@ def enable(directory) -> None:
     _loaded.clear()
 
 
+def forget() -> None:
+    """Drop the programs loaded in this process (their files stay)."""
+    _loaded.clear()
+
+
 def directory() -> Path | None:
     """The store's directory, or None when it is off."""
     return _directory

@@ -14,11 +14,17 @@ never by the pure functions.
   LAPACK calls are on matrices of a few hundred rows, where extra BLAS threads buy nothing.
 - **Compiler scratch handed back.** glibc keeps the memory XLA's compiler frees mapped; trimming the heap after
   each compilation keeps it out of the peak of the run that follows.
+- **Programs dropped before the process runs out of memory maps.** Each compiled program keeps its machine code
+  in memory maps (about 1600 for a core program on a CPU) and Linux allows `vm.max_map_count` (65530 by default)
+  per process, beyond which LLVM's next compilation aborts the process. When a compilation leaves the process
+  above `MAP_FRACTION` of the limit, the next entry point call clears JAX's in-memory caches (compiled
+  programs come back from the persistent cache when they are called again).
 """
 
 import contextlib
 import ctypes
 import functools
+import gc
 import os
 import sys
 from pathlib import Path
@@ -38,7 +44,9 @@ CACHE_MAX_BYTES = 4 * 2**30
 MIN_COMPILE_SECONDS = 0.1
 _OFF = ("", "0", "off", "none", "false", "no")
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+MAP_FRACTION = 0.5
 _entered = False
+_near_map_limit = False
 
 
 def cache_dir() -> Path | None:
@@ -80,20 +88,55 @@ def enable_persistent_cache() -> str | None:
 
 
 def enter() -> None:
-    """What every entry point does once per process: the persistent cache and the heap trim after compiles."""
-    global _entered
+    """What every entry point does on every call: once per process, the persistent cache and the listener that
+    trims the heap after compiles; then, when a compilation left the process near its memory-map limit, drop
+    the compiled programs held in memory."""
+    global _entered, _near_map_limit
+    if _near_map_limit:
+        _near_map_limit = False
+        free_compiled_programs()
     if _entered:
         return
     _entered = True
     enable_persistent_cache()
     _programs.enable(cache_dir())
-    monitoring.register_event_duration_secs_listener(_trim_after_compile)
+    monitoring.register_event_duration_secs_listener(_after_compile)
 
 
-def _trim_after_compile(event: str, duration: float, **kwargs) -> None:
+def _after_compile(event: str, duration: float, **kwargs) -> None:
+    global _near_map_limit
     del duration, kwargs
     if event == _BACKEND_COMPILE_EVENT:
         release_free_memory()
+        limit, used = map_limit(), map_count()
+        if limit and used and used > MAP_FRACTION * limit:
+            _near_map_limit = True  # not cleared here: a compilation is in progress
+
+
+def map_limit() -> int | None:
+    """The kernel's memory-map limit per process (`vm.max_map_count`), or None where it cannot be read."""
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def map_count() -> int | None:
+    """The memory maps this process holds, or None where /proc is missing."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def free_compiled_programs() -> None:
+    """Drop every compiled program held in memory (JAX's caches and the loaded exported programs); calls
+    compile again, from the persistent cache when it is on."""
+    jax.clear_caches()
+    _programs.forget()
+    gc.collect()
+    release_free_memory()
 
 
 @functools.cache

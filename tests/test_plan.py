@@ -304,3 +304,33 @@ def test_data_facts_equal_the_pixelwise_definition(case):
         assert found[f"{name}_bad_variance"] == invalid
     assert usable == (case != "none usable")
     assert (invalid > 0) == (case in ("nan", "negative", "inf"))
+
+
+def test_entry_points_drop_compiled_programs_near_the_map_limit(monkeypatch):
+    """A compilation that leaves the process above half its memory-map limit makes the next entry point call
+    clear JAX's caches (LLVM aborts the process at the limit); below it nothing is dropped."""
+    from jaxdiff import _runtime
+
+    if _runtime.map_count() is None:
+        pytest.skip("no /proc/self/maps on this system")
+    _runtime.enter()
+    monkeypatch.setattr(_runtime, "_near_map_limit", False)
+    traces = []
+
+    @jax.jit
+    def f(x):
+        traces.append(1)
+        return x * 2.0
+
+    monkeypatch.setattr(_runtime, "map_limit", lambda: 4 * _runtime.map_count() + 1000)
+    f(1.0)
+    _runtime.enter()
+    f(1.0)
+    assert len(traces) == 1
+    monkeypatch.setattr(_runtime, "map_limit", lambda: 10)  # as if the process were at its limit
+    jax.jit(lambda x: x - 1.0)(3.0)  # a compilation: the listener notes the map count
+    f(1.0)
+    assert len(traces) == 1  # nothing is dropped in the middle of a computation
+    _runtime.enter()
+    f(1.0)
+    assert len(traces) == 2  # the program was dropped and compiled again
