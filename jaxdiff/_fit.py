@@ -10,7 +10,7 @@ from ._stats import clipped_mean_std
 from ._types import Array, Float
 from .solvers import symmetric_solve
 from .solvers._normal import (
-    determined_terms,
+    determined_terms_of_sets,
     global_normal,
     lifted_mean,
     residual_stats,
@@ -168,7 +168,7 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
     def determined(active):
         """The θ entries the active stamps determine, and the kernel and background orders they keep."""
         w = active.astype(dtype)
-        (kept_p, order_p), (kept_q, order_q) = determined_terms(data.p, w, P), determined_terms(data.q, w, Q)
+        (kept_p, order_p), (kept_q, order_q) = determined_terms_of_sets([(data.p, w, P), (data.q, w, Q)])
         return theta_mask(n, P, Q, kept_p, kept_q), order_p, order_q
 
     def solve_sg(active):

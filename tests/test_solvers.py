@@ -170,6 +170,35 @@ def test_stamps_on_a_line_do_not_determine_the_other_coordinate():
         assert tuple(map(int, determined_terms(_stamp_terms(x, y, 2), w, 6))) == (6, 2)
 
 
+@pytest.mark.parametrize("n_stamps", [0, 2, 3, 4, 6, 7, 25])
+def test_term_sets_decided_together_match_each_block_s_own_eigenvalues(n_stamps):
+    """The kernel (order 1) and background (order 2) decided by one batched eigvalsh, against numpy's
+    eigenvalues of every leading block on its own, for spread stamps and for stamps on a line."""
+    from jaxdiff.solvers._normal import TERM_CONDITION_MIN, determined_terms_of_sets
+
+    def reference(terms, w):
+        gram = np.einsum("s,sa,sb->ab", w, terms, terms)
+        d = np.diag(gram)
+        unit = gram / np.sqrt(np.outer(np.where(d > 0, d, 1), np.where(d > 0, d, 1)))
+        order = 0
+        for o, c in enumerate((1, 3, 6)[: {1: 1, 3: 2, 6: 3}[terms.shape[1]]]):
+            ev = np.linalg.eigvalsh(unit[:c, :c])
+            if not (np.all(d[:c] > 0) and ev[0] > TERM_CONDITION_MIN * ev[-1]):
+                break
+            order = o
+        return (order + 1) * (order + 2) // 2, order
+
+    rng = np.random.default_rng(n_stamps)
+    x = rng.uniform(100, 1900, 30)
+    for y in (rng.uniform(100, 1900, 30), np.full(30, 900.0)):
+        with jax.enable_x64(True):
+            w = (jnp.arange(30) < n_stamps).astype(float)
+            p, q = _stamp_terms(x, y, 1), _stamp_terms(x, y, 2)
+            got = determined_terms_of_sets([(p, w, 3), (q, w, 6)])
+            want = [reference(np.asarray(p), np.asarray(w)), reference(np.asarray(q), np.asarray(w))]
+            assert [tuple(map(int, g)) for g in got] == want
+
+
 def test_a_restricted_solve_solves_the_kept_system_and_zeroes_the_rest():
     """n = 4 basis images, P = 6 and Q = 6 terms reduced to 3 and 1: the kept block solved alone, 0 elsewhere."""
     from jaxdiff.solvers._normal import restrict, theta_mask

@@ -211,21 +211,45 @@ def determined_terms(terms, weights, n_terms_max: int):
     Returns:
         (number of kept terms, their order), int32 scalars.
     """
-    counts = [c for c in ((o + 1) * (o + 2) // 2 for o in range(n_terms_max + 1)) if c <= n_terms_max]
-    if not counts:
-        zero = jnp.zeros((), jnp.int32)
-        return zero, zero
-    terms, weights = lax.stop_gradient((terms, weights))
-    gram = jnp.einsum("s,sa,sb->ab", weights, terms, terms)
-    diag = jnp.diagonal(gram)
-    scale = 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
-    unit = gram * scale[:, None] * scale[None, :]
-    fixed = []
-    for c in counts:
-        ev = jnp.linalg.eigvalsh(unit[:c, :c])
-        fixed.append(jnp.all(diag[:c] > 0) & (ev[0] > TERM_CONDITION_MIN * ev[-1]))
-    order = jnp.maximum(jnp.sum(jnp.cumprod(jnp.stack(fixed).astype(jnp.int32))) - 1, 0).astype(jnp.int32)
-    return jnp.asarray(counts, jnp.int32)[order], order
+    return determined_terms_of_sets([(terms, weights, n_terms_max)])[0]
+
+
+def determined_terms_of_sets(sets):
+    """`determined_terms` of several term sets [(terms, weights, n_terms_max), ...] (the kernel's and the
+    background's), with the eigenvalues of every candidate order of every set from one batched `eigvalsh`.
+
+    Each order's leading c × c block of the unit-diagonal Gram matrix is embedded in the identity of the
+    largest size: the extra eigenvalues are 1, which lies between the smallest and the largest eigenvalue of
+    any unit-diagonal matrix (their mean is 1), so the ratio tested is the block's own.
+    """
+    size = max(n for _, _, n in sets)
+    blocks, positive, slices, out = [], [], [], []
+    for terms, weights, n_terms_max in sets:
+        counts = [c for c in ((o + 1) * (o + 2) // 2 for o in range(n_terms_max + 1)) if c <= n_terms_max]
+        slices.append((len(blocks), counts))
+        if not counts:
+            continue
+        terms, weights = lax.stop_gradient((terms, weights))
+        gram = jnp.einsum("s,sa,sb->ab", weights, terms, terms)
+        diag = jnp.diagonal(gram)
+        scale = 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
+        unit = jnp.eye(size, dtype=gram.dtype).at[:n_terms_max, :n_terms_max].set(gram * scale[:, None] * scale)
+        for c in counts:
+            inside = jnp.arange(size) < c
+            blocks.append(jnp.where(inside[:, None] & inside[None, :], unit, jnp.eye(size, dtype=unit.dtype)))
+            positive.append(jnp.all(diag[:c] > 0))
+    if blocks:
+        ev = jnp.linalg.eigvalsh(jnp.stack(blocks))
+        fixed = jnp.stack(positive) & (ev[:, 0] > TERM_CONDITION_MIN * ev[:, -1])
+    for first, counts in slices:
+        if not counts:
+            zero = jnp.zeros((), jnp.int32)
+            out.append((zero, zero))
+            continue
+        ok = fixed[first : first + len(counts)].astype(jnp.int32)
+        order = jnp.maximum(jnp.sum(jnp.cumprod(ok)) - 1, 0).astype(jnp.int32)
+        out.append((jnp.asarray(counts, jnp.int32)[order], order))
+    return out
 
 
 def theta_mask(n: int, n_kernel_terms: int, n_bg_terms: int, kept_p, kept_q):
