@@ -14,6 +14,9 @@ _BAD_PLANES = ("NO_DATA", "BAD", "SAT", "EDGE")
 _KERNEL_GRID = 3
 _HIST_RANGE = 6.0  # histogram of difference/σ over [-6, 6]
 _DIFF_STRETCH = 5.0  # difference shown over ±5 × median σ
+# the run panel (about 5 × 4 inches): lines per column at 8 pt and at 6.5 pt; characters across it at each size
+_RUN_LINES = (30, 36)
+_RUN_CHARS = (70, 86)
 
 
 def _host(exposure: Exposure):
@@ -178,12 +181,24 @@ def diagnostic_figure(science: Exposure, template: Exposure, result, path=None, 
     ax = fig.add_subplot(outer[1, 2])
     ax.axis("off")
     ax.set_title("run")
+    # one column at 8 pt while it fits the panel, else columns of smaller type, long values cut
     lines = [f"{key}: {_format(value)}" for key, value in result.metadata.items()]
-    ax.text(0.0, 1.0, "\n".join(lines), transform=ax.transAxes, va="top", family="monospace", fontsize=8)
+    columns, size = (1, 8.0) if len(lines) <= _RUN_LINES[0] else (math.ceil(len(lines) / _RUN_LINES[1]), 6.5)
+    per_column = math.ceil(len(lines) / columns)
+    width = _RUN_CHARS[0] if columns == 1 else _RUN_CHARS[1] // columns - 2
+    for c in range(columns):
+        text = "\n".join(_shorten(line, width) for line in lines[c * per_column : (c + 1) * per_column])
+        label = ax.text(c / columns, 1.0, text, transform=ax.transAxes, va="top", family="monospace", fontsize=size)
+        label.set_in_layout(False)  # the panel's size is the grid's; the text must not squeeze the other panels
 
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+def _shorten(line: str, width: int) -> str:
+    """A metadata line cut to `width` characters (an ellipsis marks the cut)."""
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def _format(value) -> str:

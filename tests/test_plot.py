@@ -6,6 +6,7 @@ import types
 import matplotlib.image
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 import jaxdiff as jd
 from jaxdiff import spatial
@@ -49,6 +50,32 @@ def test_figure_has_image_kernel_histogram_and_metadata_panels(case):
     assert len(fig.axes) == 17
     run_text = "\n".join(t.get_text() for t in _titled(fig, "run")[0].texts)
     assert "mode: convolveTemplate" in run_text and "n_stamps: 12" in run_text
+
+
+def test_a_long_run_metadata_stays_inside_its_panel_and_keeps_the_layout(case, recwarn):
+    """A task's metadata (60 entries, some long values) is set in columns inside the run panel, every entry
+    shown, and constrained layout still applies (it warned and squeezed the other panels before)."""
+    pair, result = case
+    metadata = {f"entry_{i:02d}": 0.123456 * i for i in range(59)}
+    metadata["stamp_statistics"] = {"n_pixels": list(range(40))}
+    fig = diagnostic_figure(
+        pair.science, pair.template, types.SimpleNamespace(**{**vars(result), "metadata": metadata})
+    )
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    assert not [w for w in recwarn if "layout" in str(w.message)]
+    panel = _titled(fig, "run")[0]
+    texts = panel.texts
+    assert len(texts) >= 2
+    shown = "\n".join(t.get_text() for t in texts).split("\n")
+    assert len(shown) == 60 and "entry_58: 7.16" in shown and shown[-1].endswith("…")
+    renderer = canvas.get_renderer()
+    figure_box = fig.bbox
+    for t in texts:
+        box = t.get_window_extent(renderer)
+        assert figure_box.x0 <= box.x0 and box.x1 <= figure_box.x1 and figure_box.y0 <= box.y0, t.get_text()[:40]
+    # the image panels keep their size: the top row's axes are not collapsed by the text
+    assert all(ax.get_position().height > 0.2 for ax in _titled(fig, "science"))
 
 
 def test_kernel_panels_show_the_kernel_at_a_3x3_grid_over_the_science_box(case):
