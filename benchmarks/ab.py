@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--api", choices=("subtract", "task"), default="subtract")
     p.add_argument("--api-b", choices=("subtract", "task"), default=None, help="version B's API (default: --api)")
     p.add_argument("--seed", type=int, default=1, help="of the pair (run.py's default)")
+    p.add_argument("--n-stars", type=int, default=None, help=f"stars in the pair (run.py's {bench.SIM['n_stars']})")
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
     api_b = args.api_b or args.api
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
             _export(rev, Path(tmp), name)
         sys.path.insert(0, tmp)
         versions = {name: importlib.import_module(name) for name in labels}
-        pair = bench._simulate(args.size, args.seed, bench.SIM["n_stars"], bench.SIM["n_transients"])
+        n_stars = args.n_stars or bench.SIM["n_stars"]
+        pair = bench._simulate(args.size, args.seed, n_stars, bench.SIM["n_transients"])
         calls = {}
         for name, jd in versions.items():
             calls[name] = _call(jd, pair, apis[name])

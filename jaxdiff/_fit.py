@@ -148,20 +148,19 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
         return ok & (jnp.abs(mean) <= cfg.candidate_residual_mean_max) & (std <= cfg.candidate_residual_std_max)
 
     alpha_single = symmetric_solve(Ms, bs)
-    passed_single = lax.stop_gradient(valid & passes(test(alpha_single)))
     ksum = alpha_single[:, 0]
 
     p_sg, q_sg = lax.stop_gradient(data.p), lax.stop_gradient(data.q)
     priority = jnp.arange(N)  # slots are packed brightest first
 
-    def active_set(rejected):
+    def active_set(rejected, passed_single):
         eligible = passed_single & ~rejected
         rank = _stamps.cell_rank(data.cx, data.cy, priority, eligible, cfg.size_cell)
         return eligible & (rank < cfg.n_star_per_cell)
 
     # The rejection loop decides the selection only; gradients flow through the final solve.
     Ms_sg, bs_sg = lax.stop_gradient(Ms), lax.stop_gradient(bs)
-    ksum_sg = lax.stop_gradient(ksum)
+    ksum_sg, alpha_single_sg = lax.stop_gradient((ksum, alpha_single))
 
     P, Q = data.p.shape[-1], data.q.shape[-1]
 
@@ -180,10 +179,10 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
     # solve and a residual test of every stamp): a rejection can promote a replacement star into its cell, so
     # the two alternate. Under `vmap` the outer loop runs until the slowest pair is done, but the costly spatial
     # step runs once per outer pass, not once per clipping pass as a `lax.cond` inside one loop would.
-    def clip_ksum(rejected, n_k):
+    def clip_ksum(rejected, n_k, passed_single):
         def body(state):
             rejected, n_k, _ = state
-            active = active_set(rejected)
+            active = active_set(rejected, passed_single)
             mu, sigma, _ = clipped_mean_std(ksum_sg, active)
             clip = active & (jnp.abs(ksum_sg - mu) > cfg.max_ksum_sigma * sigma)
             return rejected | clip, n_k + jnp.sum(clip, dtype=jnp.int32), jnp.any(clip)
@@ -191,22 +190,30 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
         rejected, n_k, _ = lax.while_loop(lambda state: state[2], body, (rejected, n_k, jnp.array(True)))
         return rejected, n_k
 
-    def spatial_pass(state):
-        rejected, it, _, n_k, n_s = state
-        rejected, n_k = clip_ksum(rejected, n_k)
-        active = active_set(rejected)
-        theta = solve_sg(active)
-        alphas = stamp_alphas(theta, p_sg, q_sg, n)
-        bad = active & ~passes(lax.stop_gradient(test(alphas)))
+    # The loop's first pass is the single-stamp test (each stamp's own solution α_s); every later pass clips,
+    # solves the spatial system and tests its α_s. One residual test in the program instead of two: the test
+    # is the fit's largest piece of code.
+    def rejection_pass(state):
+        rejected, it, _, n_k, n_s, passed_single, first = state
+
+        def spatial():
+            rejected_k, n_k_k = clip_ksum(rejected, n_k, passed_single)
+            active = active_set(rejected_k, passed_single)
+            return rejected_k, n_k_k, active, stamp_alphas(solve_sg(active), p_sg, q_sg, n)
+
+        rejected, n_k, active, alphas = lax.cond(first, lambda: (rejected, n_k, valid, alpha_single_sg), spatial)
+        ok = passes(test(alphas))
+        passed_single = jnp.where(first, valid & ok, passed_single)
+        bad = active & ~ok & ~first
         it1 = it + jnp.any(bad).astype(jnp.int32)
         # no active star left: nothing to test (clipping empties the set only when every star is rejected)
-        finished = ~jnp.any(bad) | (it1 >= cfg.max_spatial_iterations) | ~jnp.any(active)
-        return rejected | bad, it1, finished, n_k, n_s + jnp.sum(bad, dtype=jnp.int32)
+        finished = ~first & (~jnp.any(bad) | (it1 >= cfg.max_spatial_iterations) | ~jnp.any(active))
+        return rejected | bad, it1, finished, n_k, n_s + jnp.sum(bad, dtype=jnp.int32), passed_single, False
 
     zero = jnp.array(0, jnp.int32)
-    init = (~valid, zero, jnp.array(False), zero, zero)
-    rejected, n_iter, _, n_k, n_s = lax.while_loop(lambda state: ~state[2], spatial_pass, init)
-    active = lax.stop_gradient(active_set(rejected))
+    init = (~valid, zero, jnp.array(False), zero, zero, valid, jnp.array(True))
+    rejected, n_iter, _, n_k, n_s, passed_single, _ = lax.while_loop(lambda state: ~state[2], rejection_pass, init)
+    active = lax.stop_gradient(active_set(rejected, passed_single))
 
     M, b = global_normal(Ms, bs, data.p, data.q, active.astype(dtype))
     precond = _preconditioner(Ms, data.p, data.q, active.astype(dtype))
