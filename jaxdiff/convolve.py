@@ -315,6 +315,9 @@ def convolve_spatial(
     # matrix product held from before the transforms)
     tyc, txc = ty[:, c[0]].astype(dtype), tx[:, c[1]].astype(dtype)
     level = sum((tyc[q] * ksum[q])[:, None] * txc[q][None, :] for q in range(p))
+    width = jnp.iinfo(mask.dtype).bits - jnp.issubdtype(mask.dtype, jnp.signedinteger)
+    if any(not 0 <= b < width for b in spare_bits):
+        raise ValueError(f"spare_bits {tuple(spare_bits)} must be bits 0..{width - 1} of the {mask.dtype} mask")
     if len(spare_bits) >= 3:
         nan_img, nan_var, edge, grown = _box_flags(mask, (~image_ok, ~var_ok, invalid), spare_bits[:3], h, c)
     else:

@@ -88,6 +88,16 @@ def test_spatial_convolution_equals_brute_force(rng, order, spare_bits, interior
     assert got[0].dtype == image.dtype and got[2].dtype == mask.dtype
 
 
+def test_spare_bits_outside_the_mask_dtype_are_refused(rng):
+    image, variance, mask, valid, kernels, tx, ty = _case(rng, 1)
+    args = [jnp.asarray(a) for a in (image, variance, mask, kernels, tx, ty)]
+    with pytest.raises(ValueError, match="spare_bits"):
+        convolve_spatial(*args, edge_bit=EDGE, spare_bits=(20, 21, 31))
+    args[2] = args[2].astype(jnp.int16)
+    with pytest.raises(ValueError, match="bits 0..14 of the int16 mask"):
+        convolve_spatial(*args, edge_bit=EDGE, spare_bits=(13, 14, 15))
+
+
 def test_one_hot_kernel_shifts_by_plus_one_in_x(rng):
     image = jnp.asarray(rng.normal(size=(20, 30)))
     kernel = jnp.zeros((5, 5)).at[2, 3].set(1.0)  # (u, v) = (1, 0)
