@@ -191,8 +191,8 @@ def fit_kernel(data: StampData, basis, factors, solver, cfg, reg=None, axis_name
         return rejected, n_k
 
     # The loop's first pass is the single-stamp test (each stamp's own solution α_s); every later pass clips,
-    # solves the spatial system and tests its α_s. One residual test in the program instead of two: the test
-    # is the fit's largest piece of code.
+    # solves the spatial system and tests its α_s. Both share one compiled residual test (the final test after
+    # the loop is the other): the test is the fit's largest piece of code.
     def rejection_pass(state):
         rejected, it, _, n_k, n_s, passed_single, first = state
 
