@@ -153,12 +153,12 @@ def coverage(template: Exposure, science: Exposure, xp=jnp):
     if ty < ny or tx < nx:
         return gathered()
 
-    def sliced():  # the template's box contains the science box (as the task requires): a slice, no gather
-        t_mask = lax.dynamic_slice(template.mask, (dy, dx), (ny, nx))
-        return fraction(((t_mask & nd_t) != 0) | s_lacks)
-
+    # the template's box contains the science box (as the task requires): a slice, no gather. The slice is
+    # always in bounds (its start is clamped) and counted outside the `cond`, whose operands would be copied
+    t_mask = lax.dynamic_slice(template.mask, (dy, dx), (ny, nx))
+    in_box = fraction(((t_mask & nd_t) != 0) | s_lacks)
     contained = (dy >= 0) & (dy <= ty - ny) & (dx >= 0) & (dx <= tx - nx)
-    return lax.cond(contained, sliced, gathered)
+    return lax.cond(contained, lambda: in_box, gathered)
 
 
 def _host_coverage(template: Exposure, science: Exposure, nd_t: int, nd_s: int) -> np.float32:

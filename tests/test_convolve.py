@@ -189,7 +189,7 @@ def test_next_fast_len_is_even_and_smooth():
     for n in (1, 7, 277, 4117):
         m = next_fast_len(n)
         assert m >= n and m % 2 == 0
-        for p in (2, 3, 5):
+        for p in (2, 3, 5, 7):
             while m % p == 0:
                 m //= p
         assert m == 1

@@ -46,7 +46,7 @@ def noise_difference():
 
 
 def test_grid_shape_covers_image_and_kernel():
-    assert grid_shape((256, 100), 21, 31) == (288, 144)  # 130 and 276 rounded up to even 2-3-5 lengths
+    assert grid_shape((256, 100), 21, 31) == (288, 140)  # 286 and 130 rounded up to even 2-3-5-7 lengths
 
 
 def test_filter_is_one_at_zero_frequency_and_real():

@@ -61,7 +61,7 @@ def stamp_normal(design, target, weight):
 
 
 def _valid_fft_length(s: int, k: int) -> int:
-    """A fast transform length ≥ s + k − 1 (powers of 2, 3, 5) for valid-mode stamp convolutions."""
+    """A fast transform length ≥ s + k − 1 (`next_fast_len`) for valid-mode stamp convolutions."""
     from ..convolve import next_fast_len
 
     return next_fast_len(s + k - 1)
