@@ -27,9 +27,15 @@ _MIN_TILE = 512
 _MAX_TILE = 1024
 
 
+# Prime factors of FFT lengths: image-sized grids take 7 too (ducc transforms 2100² and 4200² in less time than
+# the next 2-3-5 lengths 2160² and 4320²; benchmarks/README.md); overlap-save tiles keep their measured 2-3-5 lengths.
+_GRID_PRIMES = (2, 3, 5, 7)
+_TILE_PRIMES = (2, 3, 5)
+
+
 @cache
-def _fast_lengths(limit: int = 1 << 17, primes: tuple[int, ...] = (2, 3, 5)) -> tuple[int, ...]:
-    """Sorted even lengths ≤ `limit` whose only prime factors are `primes`."""
+def _fast_lengths(primes: tuple[int, ...], limit: int = 1 << 17) -> tuple[int, ...]:
+    """Sorted even lengths ≤ `limit` whose only prime factors are `primes` (2 × a product of them)."""
     out = {2}
     for p in primes:
         grown = set(out)
@@ -38,17 +44,12 @@ def _fast_lengths(limit: int = 1 << 17, primes: tuple[int, ...] = (2, 3, 5)) -> 
                 m *= p
                 grown.add(m)
         out = grown
-    return tuple(sorted(m for m in out if m % 2 == 0))
+    return tuple(sorted(out))
 
 
-def next_fast_len(n: int) -> int:
-    """Smallest even length ≥ n with prime factors 2, 3, 5 and 7 only (a fast real-FFT size).
-
-    The factor 7 helps the image-sized grids (decorrelation, detection, noise footprints): ducc transforms
-    2100² and 4116² in less time than the next 2-3-5 lengths 2160² and 4320² (see benchmarks/README.md).
-    Overlap-save tiles keep their measured 2-3-5 lengths (`_axis_plan`).
-    """
-    return next(m for m in _fast_lengths(primes=(2, 3, 5, 7)) if m >= n)
+def next_fast_len(n: int, primes: tuple[int, ...] = _GRID_PRIMES) -> int:
+    """Smallest even length ≥ n whose only prime factors are `primes` (default 2, 3, 5, 7: a fast real-FFT size)."""
+    return next(m for m in _fast_lengths(primes) if m >= n)
 
 
 @cache
@@ -58,9 +59,9 @@ def _axis_plan(n: int, h: int, max_tile: int) -> tuple[int, int, int]:
     Each tile reads T + 2h inputs and keeps T outputs; the choice minimises nt·L·log2(L) among one tile
     covering the axis and tiles of a fast length in [_MIN_TILE, max_tile].
     """
-    single = next(m for m in _fast_lengths() if m >= n + 2 * h)
+    single = next_fast_len(n + 2 * h, _TILE_PRIMES)
     best = (single * math.log2(single), single, n, 1)
-    for length in _fast_lengths():
+    for length in _fast_lengths(_TILE_PRIMES):
         if length > max_tile:
             break
         if length < _MIN_TILE:

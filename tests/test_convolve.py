@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import spatial
-from jaxdiff.convolve import convolve, convolve_spatial, next_fast_len
+from jaxdiff.convolve import _axis_plan, convolve, convolve_spatial, next_fast_len
 from tests.utils import assert_allclose
 
 EDGE = 4
@@ -193,6 +193,9 @@ def test_next_fast_len_is_even_and_smooth():
             while m % p == 0:
                 m //= p
         assert m == 1
+    # image-sized grids take the factor 7 (2072 → 2100, not 2160); overlap-save tiles stay at 2-3-5 lengths
+    assert next_fast_len(2072) == 2100 and next_fast_len(2072, (2, 3, 5)) == 2160
+    assert _axis_plan(2048, 15, 1024) == (720, 690, 3)  # with 7 allowed it would be (560, 530, 4)
 
 
 def test_interior_is_the_crop_of_the_full_result(rng):
