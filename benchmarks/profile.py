@@ -137,7 +137,7 @@ def _single(jd, t, s, src, config, plan) -> tuple:
 def profile_single(args) -> dict:
     import jaxdiff as jd
 
-    pair = bench._simulate(args.size, 1, bench.SIM["n_stars"], bench.SIM["n_transients"])
+    pair = bench._simulate(args.size, 1, args.n_stars or bench.SIM["n_stars"], bench.SIM["n_transients"])
     config = jd.SubtractConfig(**bench.CONFIG)
     t, s = pair.template, pair.science
     plan = jd.make_plan(t, s, pair.sources, config)
@@ -229,6 +229,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=2048)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--n-stars", type=int, default=None, help="stars in the pair (default: as benchmarks/run.py)")
     p.add_argument("--batch", type=int, default=0, help="profile subtract_batch over this many different pairs")
     p.add_argument("--seed", type=int, default=5, help="of the batch's pairs (as benchmarks/batch.py)")
     p.add_argument("--output", type=Path, default=None)
