@@ -9,7 +9,7 @@ chosen from small fixed sets:
   [kernel_size_min, kernel_size_max]) moved to the nearest of `config.kernel_size_buckets` (ties go up);
 - the source capacity: source lists are padded to a multiple of `SOURCE_CAPACITY` (1024, above LSST's
   1000 kernel stars), and the fit has that many stamp slots (capped by `max_kernel_sources`, rounded up to a
-  multiple of 128). The fit runs over the slots in chunks of 128 and skips chunks without a star
+  multiple of 128). The fit runs over the slots in chunks of `stamps.CHUNK` (64) and skips chunks without a star
   (`stamps.over_slots`), so its cost follows the star count while the star count is not a shape. Under
   `vmap` the skipped chunks run anyway, so a plan for a batch (`make_plan` on stacked pairs,
   `batch.plan_for_pairs`) takes only the next of `SLOT_SIZES` (128, 256, 512, 1024) above the valid count;
@@ -52,7 +52,8 @@ class Plan:
     Attributes:
         mode: "convolveTemplate", "convolveScience", or "auto" (decided inside the program from the PSF widths).
         k: kernel side (odd), one of `config.kernel_size_buckets` (or `config.kernel_size`).
-        n_slots: stamp slots of the fit: a multiple of 128 (`stamps.CHUNK`), 1024 with the default config.
+        n_slots: stamp slots of the fit: a multiple of 128 (whole chunks of `stamps.CHUNK`), 1024 with the default
+            config.
         capacity: length the source list is padded to.
         psf_size: side image PSFs are padded to (None: PSFs are used as given).
         fit_region: "stamps" or "image" (the kernel fitted on the whole overlap, `_image_fit`).

@@ -80,7 +80,7 @@ def cell_rank(cx, cy, priority, eligible, size_cell: int) -> Int[Array, " n"]:
     return jnp.sum(same & before & eligible[None, :], axis=1)
 
 
-CHUNK = 128  # stamp slots per chunk of `over_slots`
+CHUNK = 64  # slots per chunk of `over_slots`: a chunk with a star computes all its slots, one loop step each
 
 
 def batch_any(pred: Bool[Array, ""], axis_name: str | None) -> Bool[Array, ""]:
