@@ -123,7 +123,7 @@ def _usable(inputs) -> bool:
     return all(not isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(inputs))
 
 
-def call(name: str, fun, inputs: tuple, *static):
+def call(name: str, fun, inputs: tuple, *static, compiler_options: dict | None = None):
     """`fun(*inputs, *static)` through the store, or None when the store cannot serve this call.
 
     Arguments:
@@ -131,24 +131,26 @@ def call(name: str, fun, inputs: tuple, *static):
         fun: the traceable function (not jitted).
         inputs: a tuple of pytrees; their array leaves are the program's arguments, everything else is static.
         static: hashable values with stable reprs (configuration, plan).
+        compiler_options: XLA options the program is compiled with (part of the key).
     """
     if not _usable(inputs):
         return None
-    key = _key(name, inputs, static)
+    options = dict(compiler_options or {})
+    key = _key(name, inputs, (*static, sorted(options.items())))
     if key is None:
         return None
     dynamic, fixed = eqx.partition(inputs, eqx.is_array)
     leaves, tree = jax.tree.flatten(dynamic)
     entry = _loaded.get(key)
     if entry is None:
-        entry = _read(name, key)
+        entry = _read(name, key, options)
         if entry is None:
             try:
                 exported = _export(fun, tree, fixed, static, leaves)
             except Exception:  # noqa: BLE001 - not exportable (e.g. a custom call without a stable form)
                 entry = False  # the traced path runs it (and raises whatever tracing raises)
             else:
-                entry = _write(name, key, exported)
+                entry = _write(name, key, exported, options)
         _loaded[key] = entry
     if entry is False:
         return None
@@ -173,17 +175,17 @@ def _path(key: str) -> Path:
     return _directory / f"{key}{SUFFIX}"
 
 
-def _program(name: str, exported):
+def _program(name: str, exported, options: dict):
     """The jitted call of an exported program, named after the function (as compile events and profiles show)."""
 
     def program(*args):
         return exported.call(*args)
 
     program.__name__ = program.__qualname__ = name
-    return jax.jit(program)
+    return jax.jit(program, compiler_options=options or None)
 
 
-def _read(name: str, key: str):
+def _read(name: str, key: str, options: dict):
     path = _path(key)
     try:
         blob = path.read_bytes()
@@ -196,15 +198,15 @@ def _read(name: str, key: str):
         return None
     with contextlib.suppress(OSError):
         os.utime(path)  # recently used
-    return (_program(name, exported), template)
+    return (_program(name, exported, options), template)
 
 
-def _write(name: str, key: str, entry) -> tuple:
+def _write(name: str, key: str, entry, options: dict) -> tuple:
     exported, template = entry
     try:
         blob = pickle.dumps((exported.serialize(), template))
     except Exception:  # noqa: BLE001 - an output that does not pickle: run without storing it
-        return (_program(name, exported), template)
+        return (_program(name, exported, options), template)
     try:
         _directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=_directory, suffix=".tmp", delete=False) as f:
@@ -213,7 +215,7 @@ def _write(name: str, key: str, entry) -> tuple:
         _prune()
     except OSError:  # a read-only or full disk: run without storing
         pass
-    return (_program(name, exported), template)
+    return (_program(name, exported, options), template)
 
 
 def _prune() -> None:

@@ -80,9 +80,11 @@ def subtract(
         )
     plan = make_plan(template, science, sources, config) if plan is None else plan
     inputs = core_inputs(template, science, sources, psf_size=plan.psf_size, capacity=plan.capacity)
-    result = _programs.call("core", core, inputs, config, plan)  # None unless an entry point turned it on
+    options = xla_options(science.shape)
+    # None unless an entry point turned the store on
+    result = _programs.call("core", core, inputs, config, plan, compiler_options=options)
     if result is None:
-        result = _core(*inputs, config, plan)
+        result = (_jit_core_low_memory if options else _jit_core)(*inputs, config, plan)
     return restore_wcs(result, science.wcs)
 
 
@@ -174,9 +176,29 @@ def core(
 STAGES = ("prepare", "select", "fit", "difference")
 
 
-@eqx.filter_jit
+# XLA's CPU scheduler orders a program for concurrency by default: work that does not depend on the fit (the
+# convolution's padded planes, the mask dilation) then starts early and stays live through the fit, so the
+# scratch peaks higher. From `LOW_MEMORY_PIXELS` up the memory-optimised order is faster; below it the
+# default is (benchmarks/README.md: core temporaries and time per order at 1024² to 4096²).
+LOW_MEMORY_PIXELS = 12_000_000
+_LOW_MEMORY = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def xla_options(shape: tuple[int, ...]) -> dict:
+    """The XLA compiler options of the core program for science images of `shape` (the last two axes) on the
+    default backend: the memory-optimised CPU schedule from `LOW_MEMORY_PIXELS` pixels up, else none."""
+    ny, nx = shape[-2:]
+    if jax.default_backend() != "cpu" or ny * nx < LOW_MEMORY_PIXELS:
+        return {}
+    return dict(_LOW_MEMORY)
+
+
 def _core(template: Exposure, science: Exposure, sources: Sources, config: SubtractConfig, plan: Plan):
     return core(template, science, sources, config, plan)
+
+
+_jit_core = eqx.filter_jit(_core)
+_jit_core_low_memory = eqx.filter_jit(_core, compiler_options=_LOW_MEMORY)
 
 
 class Planes(NamedTuple):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import jaxdiff as jd
-from jaxdiff import _programs
-from jaxdiff._subtract import _core, core, core_inputs
+from jaxdiff import _programs, _subtract
+from jaxdiff._subtract import _jit_core, core, core_inputs
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_a_stored_program_gives_the_traced_result_and_is_read_back_without_traci
     config = jd.SubtractConfig(do_subtract_background=True)
     plan = jd.make_plan(pair.template, pair.science, pair.sources, config)
     inputs = core_inputs(pair.template, pair.science, pair.sources, psf_size=plan.psf_size, capacity=plan.capacity)
-    traced = _core(*inputs, config, plan)
+    traced = _jit_core(*inputs, config, plan)
 
     stored = jd.subtract(pair.template, pair.science, pair.sources, config)
     assert len(_files(store)) == 1
@@ -63,6 +63,30 @@ def test_a_stored_program_gives_the_traced_result_and_is_read_back_without_traci
     rewritten = _programs.call("core", core, inputs, config, plan)
     np.testing.assert_array_equal(rewritten.difference.image, traced.difference.image)
     assert _files(store)[0].read_bytes() != b"not a program"
+
+
+def test_large_images_compile_with_the_memory_optimised_schedule_and_the_same_results(store, monkeypatch):
+    assert _subtract.xla_options((4096, 4096)) == {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    assert _subtract.xla_options((2048, 2048)) == {}
+    assert _subtract.xla_options((3, 4096, 4096)) == _subtract.xla_options((4096, 4096))  # a stacked batch
+    pair = jd.sim.simulate_pair((128, 128), seed=5, n_stars=40)
+    config = jd.SubtractConfig(do_subtract_background=True)
+    plan = jd.make_plan(pair.template, pair.science, pair.sources, config)
+    inputs = core_inputs(pair.template, pair.science, pair.sources, psf_size=plan.psf_size, capacity=plan.capacity)
+    default = _jit_core(*inputs, config, plan)
+
+    # this pair counts as large (an option this jaxlib does not know would raise when compiling)
+    monkeypatch.setattr(_subtract, "LOW_MEMORY_PIXELS", 128 * 128)
+    taken, low_memory = [], _subtract._jit_core_low_memory
+    monkeypatch.setattr(_subtract, "_jit_core_low_memory", lambda *args: taken.append(1) or low_memory(*args))
+    _programs.enable(None)
+    jitted = jd.subtract(pair.template, pair.science, pair.sources, config)
+    assert taken
+    _programs.enable(store)
+    stored = jd.subtract(pair.template, pair.science, pair.sources, config)
+    for result in (jitted, stored):
+        for name in ("image", "variance", "mask"):
+            np.testing.assert_array_equal(getattr(result.difference, name), getattr(default.difference, name))
 
 
 def test_the_store_stays_out_of_transformations_and_disable_jit(store):
