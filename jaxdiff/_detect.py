@@ -11,7 +11,7 @@ from jax import lax
 
 from ._sources import Sources, capacity_for
 from ._stats import median_background, usable
-from .convolve import next_fast_len
+from .convolve import convolve
 
 _BACKGROUND_BIN = 128
 _BACKGROUND_SAMPLES = 2**18  # pixels the background medians read at most (a regular grid beyond that)
@@ -32,18 +32,10 @@ def _snr_map(image, variance, mask_bad, psf_image):
     bg = median_background(image, good, _BACKGROUND_BIN, stride=background_stride(image.shape))
     img = jnp.where(good, image - bg, 0.0)
     var = jnp.where(good, variance, 0.0)
-    k = psf_image.shape[0]
-    ny, nx = image.shape
-    shape = (next_fast_len(ny + k - 1), next_fast_len(nx + k - 1))  # zero padding beyond the linear size
-    # correlation with P = convolution with P rotated by 180°
-    pr = psf_image[::-1, ::-1]
-    fi = jnp.fft.rfft2(img, shape)
-    fv = jnp.fft.rfft2(var, shape)
-    num = jnp.fft.irfft2(fi * jnp.fft.rfft2(pr, shape), shape)
-    den = jnp.fft.irfft2(fv * jnp.fft.rfft2(pr**2, shape), shape)
-    h = k // 2
-    num = num[h : h + ny, h : h + nx]
-    den = den[h : h + ny, h : h + nx]
+    # correlation with P = convolution with P rotated by 180° (overlap-save tiles, zero beyond the array)
+    pr = psf_image[::-1, ::-1].astype(img.dtype)
+    num = convolve(img, pr)
+    den = convolve(var, pr**2)
     snr = num / jnp.sqrt(jnp.where(den > 0, den, jnp.inf))
     flux = num / jnp.sum(psf_image**2)
     return jnp.where(good, snr, 0.0), flux
