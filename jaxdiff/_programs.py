@@ -143,14 +143,19 @@ def call(name: str, fun, inputs: tuple, *static, compiler_options: dict | None =
     leaves, tree = jax.tree.flatten(dynamic)
     entry = _loaded.get(key)
     if entry is None:
-        entry = _read(name, key, options)
+        entry = _read(key)
         if entry is None:
             try:
-                exported = _export(fun, tree, fixed, static, leaves)
+                entry = _export(fun, tree, fixed, static, leaves)
             except Exception:  # noqa: BLE001 - not exportable (e.g. a custom call without a stable form)
-                entry = False  # the traced path runs it (and raises whatever tracing raises)
+                entry = None  # the traced path runs it (and raises whatever tracing raises)
             else:
-                entry = _write(name, key, exported, options)
+                _write(key, entry)
+        if entry is None:
+            entry = False
+        else:
+            exported, template = entry
+            entry = (_program(name, exported, options), template)
         _loaded[key] = entry
     if entry is False:
         return None
@@ -185,7 +190,8 @@ def _program(name: str, exported, options: dict):
     return jax.jit(program, compiler_options=options or None)
 
 
-def _read(name: str, key: str, options: dict):
+def _read(key: str):
+    """(exported program, output template) from the store's file, or None."""
     path = _path(key)
     try:
         blob = path.read_bytes()
@@ -198,15 +204,17 @@ def _read(name: str, key: str, options: dict):
         return None
     with contextlib.suppress(OSError):
         os.utime(path)  # recently used
-    return (_program(name, exported, options), template)
+    return (exported, template)
 
 
-def _write(name: str, key: str, entry, options: dict) -> tuple:
+def _write(key: str, entry) -> None:
+    """Store (exported program, output template) atomically; an output that does not pickle or a read-only or full
+    disk leaves it unstored."""
     exported, template = entry
     try:
         blob = pickle.dumps((exported.serialize(), template))
     except Exception:  # noqa: BLE001 - an output that does not pickle: run without storing it
-        return (_program(name, exported, options), template)
+        return
     try:
         _directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=_directory, suffix=".tmp", delete=False) as f:
@@ -215,7 +223,6 @@ def _write(name: str, key: str, entry, options: dict) -> tuple:
         _prune()
     except OSError:  # a read-only or full disk: run without storing
         pass
-    return (_program(name, exported, options), template)
 
 
 def _prune() -> None:
