@@ -22,6 +22,7 @@ from ._config import check_fit_region
 from ._fit import FitResult, pixel_fit_result
 from ._kernel import SpatialKernel
 from ._prepare import exclusion_bits, output_planes
+from ._psf import mean_sigma
 from ._stats import quantile_masked, usable
 from ._types import Array, Bool, Float, Image, select, solve_dtype
 from .solvers import condition_number, symmetric_solve
@@ -245,7 +246,7 @@ def _factors_for(prep, k: int, cfg):
     if cfg.kernel_basis == "alard-lupton":
         sig_x = sig_y = None
         if prep.widths is not None:
-            sig_t, sig_s = (jnp.sqrt(0.5 * jnp.sum(w**2)) for w in prep.widths)
+            sig_t, sig_s = (mean_sigma(w) for w in prep.widths)
             sig_x, sig_y = select(prep.convolves_template, (sig_t, sig_s), (sig_s, sig_t))
         widths, code = _basis.alard_lupton_widths_traced(
             sig_x,

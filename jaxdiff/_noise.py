@@ -210,7 +210,14 @@ class SourceFree(NamedTuple):
 
 
 def source_free(
-    image: Image, variance: Image, good: Bool, psf, sources_xy=None, data: Bool | None = None, **kwargs
+    image: Image,
+    variance: Image,
+    good: Bool,
+    psf,
+    sources_xy=None,
+    data: Bool | None = None,
+    sigma=None,
+    **kwargs,
 ) -> SourceFree:
     """The source footprints the noise estimates leave out of `good` (unless too few pixels would remain).
 
@@ -222,6 +229,8 @@ def source_free(
             must still be seen, or their stars go undetected and their wings stay in.
         psf: the image's `jd.Psf` (its width and size set σ and the smoothing half-width), or None
             (σ = `DEFAULT_SIGMA`).
+        sigma: the PSF's width √((σx² + σy²)/2) when the caller has measured it already (traced scalar);
+            default: measured here from `psf`.
         sources_xy: as `source_footprints`.
         kwargs: passed on to `source_footprints` (threshold, grow; the blocks are those of `MAX_PIXELS`, which
             `SourceFree.excluded` assumes).
@@ -234,7 +243,7 @@ def source_free(
     if psf is None:
         sigma, half = jnp.asarray(DEFAULT_SIGMA), math.ceil(4 * DEFAULT_SIGMA)
     else:
-        sigma, half = psf.sigma(), int(psf.size) // 2
+        sigma, half = (psf.sigma() if sigma is None else sigma), int(psf.size) // 2
     data = usable(image, variance) if data is None else data
     blocks = source_footprints(
         image, variance, data, sigma, sources_xy, half=half, max_pixels=MAX_PIXELS, blocks=True, **kwargs
@@ -245,12 +254,13 @@ def source_free(
     return SourceFree(blocks, n_free >= MIN_FREE_FRACTION * n_base)
 
 
-def exposure_source_free(exposure, good: Bool, sources=None) -> SourceFree:
+def exposure_source_free(exposure, good: Bool, sources=None, sigma=None) -> SourceFree:
     """`source_free` of an `Exposure` with its PSF and the kernel `Sources` (parent coordinates) or None; the
-    detection reads every usable pixel not flagged as `NOT_DATA` (DETECTED ones included)."""
+    detection reads every usable pixel not flagged as `NOT_DATA` (DETECTED ones included). `sigma`: the PSF's
+    width if already measured."""
     xy = None
     if sources is not None and len(sources):
         x0, y0 = exposure.xy0[0], exposure.xy0[1]
         xy = (sources.x - x0, sources.y - y0, sources.valid)
     data = (exposure.mask & bitmask(exposure.mask_planes, NOT_DATA)) == 0
-    return source_free(exposure.image, exposure.variance, good, exposure.psf, xy, data=data)
+    return source_free(exposure.image, exposure.variance, good, exposure.psf, xy, data=data, sigma=sigma)

@@ -76,6 +76,11 @@ def adaptive_moments(image: Kernel, n_iter: int = 40, xp=jnp) -> tuple[Scalar, S
     return xp.where(ok, ixx, xp.nan), xp.where(ok, iyy, xp.nan)
 
 
+def mean_sigma(sigma_xy) -> Scalar:
+    """The single Gaussian-equivalent width √((σx² + σy²)/2) of widths (σx, σy) stacked on the last axis."""
+    return jnp.sqrt(0.5 * jnp.sum(jnp.square(sigma_xy), axis=-1))
+
+
 def host_sigma_xy(psf: "Psf", batched: bool = False) -> np.ndarray:
     """(σx, σy) of a concrete PSF at its centre, measured on the host (float64 numpy, no compiled program):
     shape (2,), or (B, 2) for a stacked batch of PSFs (`batched`); NaN where the moments fail."""
@@ -106,8 +111,7 @@ class Psf(eqx.Module):
 
     def sigma(self, x=None, y=None) -> Scalar:
         """Gaussian-equivalent width in pixels, √((Ixx + Iyy)/2)."""
-        sx, sy = self.sigma_xy(x, y)
-        return jnp.sqrt(0.5 * (sx**2 + sy**2))
+        return mean_sigma(jnp.stack(self.sigma_xy(x, y)))
 
     def fwhm(self, x=None, y=None) -> Scalar:
         """Full width at half maximum in pixels, 2√(2 ln 2)·sigma."""

@@ -33,7 +33,7 @@ from ._noise import block_size, exposure_source_free
 from ._plan import PRECONVOLUTION_WIDTH, Plan, canonical_psf, convolves_template, coverage, make_plan, width_kwargs
 from ._preconvolve import Preconvolved, fill_bad, preconvolve_science
 from ._prepare import exclusion_bits, output_planes, padded_cut, prepare_science_mask, prepare_template_mask
-from ._psf import ImagePsf
+from ._psf import ImagePsf, mean_sigma
 from ._result import SubtractResult
 from ._sources import Sources
 from ._stats import quantile_masked, standard_good, usable, variance_factor
@@ -254,8 +254,10 @@ def prepare(
         widths = (jnp.stack(template.psf.sigma_xy()), jnp.stack(science.psf.sigma_xy()))
     is_t = convolves_template(plan.mode, *(widths or (None, None)))
 
-    var_t, f_t, fail_t, n_t, free_t = _rescaled_variance(template, cfg, sources)
-    var_s, f_s, fail_s, n_s, free_s = _rescaled_variance(science, cfg, sources)
+    # the noise estimates' source detection smooths at the PSF widths just measured (not measured again)
+    sig_t, sig_s = (None, None) if widths is None else (mean_sigma(w) for w in widths)
+    var_t, f_t, fail_t, n_t, free_t = _rescaled_variance(template, cfg, sources, sig_t)
+    var_s, f_s, fail_s, n_s, free_s = _rescaled_variance(science, cfg, sources, sig_s)
 
     mask_s = prepare_science_mask(science.mask, science.mask_planes, out_planes)
     mask_t = prepare_template_mask(template.mask, template.mask_planes, out_planes, cfg)
@@ -306,12 +308,13 @@ def prepare(
     )
 
 
-def _rescaled_variance(e: Exposure, cfg: SubtractConfig, sources: Sources | None):
+def _rescaled_variance(e: Exposure, cfg: SubtractConfig, sources: Sources | None, sigma=None):
     """(variance × factor, factor, both estimates failed, pixels used, `SourceFree`) per §4.1 (factor 1 when
-    turned off), estimated outside source footprints whatever the masks say (`_noise`)."""
+    turned off), estimated outside source footprints whatever the masks say (`_noise`); `sigma`: the PSF's
+    measured width, if known."""
     sdt = solve_dtype()
     good = (e.mask & bitmask(e.mask_planes, _RESCALE_EXCLUDE)) == 0
-    free = exposure_source_free(e, good, sources)
+    free = exposure_source_free(e, good, sources, sigma)
     if not cfg.do_scale_variance:
         return e.variance, jnp.ones((), sdt), jnp.zeros((), bool), jnp.zeros((), jnp.int32), free
     # variance_factor reads every b-th row and column (b = block_size: the same cap on the pixels it examines),
@@ -373,7 +376,7 @@ def select_stamps(
         if prep.widths is None:
             sig_x = sig_y = None
         else:
-            sig_t, sig_s = (jnp.sqrt(0.5 * jnp.sum(w**2)) for w in prep.widths)
+            sig_t, sig_s = (mean_sigma(w) for w in prep.widths)
             if pre is not None:
                 sig_s = sig_s * PRECONVOLUTION_WIDTH
             sig_x, sig_y = select(prep.convolves_template, (sig_t, sig_s), (sig_s, sig_t))
@@ -643,7 +646,7 @@ def _metadata(prep: Prepared, sel: Selection, fitted: Fitted, cfg: SubtractConfi
         basis_mode_code=sel.basis_code,
     )
     if prep.widths is not None:
-        md["template_psf_sigma"], md["science_psf_sigma"] = (jnp.sqrt(0.5 * jnp.sum(w**2)) for w in prep.widths)
+        md["template_psf_sigma"], md["science_psf_sigma"] = (mean_sigma(w) for w in prep.widths)
     if prep.pre is not None:
         md["n_interpolated"] = prep.pre.n_interpolated
     md.update(fitted.extra or {})
