@@ -8,7 +8,7 @@ stamp fits convolve with 1-D passes (§16).
 
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import solve_triangular
+from jax import lax
 
 from .._types import Array, Basis, Float, Int, Kernel, Vector, solve_dtype
 from ._normalise import normalisation_matrix, normalise
@@ -165,10 +165,24 @@ def _orthonormal_rest(flat: Float[Array, "n npix"]) -> tuple[Float[Array, "m npi
     return q[:, 1:].T, r[1:, 1:]
 
 
+def _solve_lower(lower, b):
+    """X with L X = b for a small lower-triangular L (m, m) and b (m, k), by forward substitution.
+
+    Written with XLA operations (a loop over the m rows) instead of LAPACK's trsm: jaxlib runs trsm through
+    OpenBLAS, whose worker threads, once woken by a matrix this size, spin beside XLA's for the rest of the
+    subtraction.
+    """
+
+    def row(i, x):  # rows ≥ i of x are still zero, so L[i] · x sums over the solved rows only
+        return x.at[i].set((b[i] - lower[i] @ x) / lower[i, i])
+
+    return lax.fori_loop(0, lower.shape[0], row, jnp.zeros_like(b))
+
+
 def _cholesky_qr(a):
     """(Q, R) with A = QR from R = chol(AᵀA)ᵀ (upper, positive diagonal) and Q = A R⁻¹."""
     r = jnp.linalg.cholesky(a.T @ a).T
-    q = solve_triangular(r, a.T, trans="T", lower=False).T
+    q = _solve_lower(r.T, a.T).T
     return q, r
 
 
@@ -223,7 +237,7 @@ def alard_lupton_factors(
     n = mix.shape[0]
     _, r = _orthonormal_rest(mix @ raw.reshape(n, -1))
     # Q = A R⁻¹ with A = rawᵀ mix_restᵀ, so Qᵀ = R⁻ᵀ mix_rest raw.
-    rest = solve_triangular(r, mix[1:], trans="T", lower=False)
+    rest = _solve_lower(r.T, mix[1:])
     return fx, fy, jnp.concatenate([mix[:1], rest])
 
 
