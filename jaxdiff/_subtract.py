@@ -33,7 +33,7 @@ from ._noise import block_size, exposure_source_free
 from ._plan import PRECONVOLUTION_WIDTH, Plan, canonical_psf, convolves_template, coverage, make_plan, width_kwargs
 from ._preconvolve import Preconvolved, fill_bad, preconvolve_science
 from ._prepare import exclusion_bits, output_planes, padded_cut, prepare_science_mask, prepare_template_mask
-from ._psf import ImagePsf, mean_sigma
+from ._psf import ImagePsf, mean_sigma, pair_sigma_xy
 from ._result import SubtractResult
 from ._sources import Sources
 from ._stats import quantile_masked, standard_good, usable, variance_factor
@@ -251,7 +251,7 @@ def prepare(
         template, science = (dataclasses.replace(e, psf=ImagePsf(e.psf.image())) for e in (template, science))
     widths = None
     if template.psf is not None and science.psf is not None:
-        widths = (jnp.stack(template.psf.sigma_xy()), jnp.stack(science.psf.sigma_xy()))
+        widths = pair_sigma_xy(template.psf, science.psf)
     is_t = convolves_template(plan.mode, *(widths or (None, None)))
 
     # the noise estimates' source detection smooths at the PSF widths just measured (not measured again)
