@@ -518,6 +518,12 @@ def difference(prep: Prepared, sel: Selection, fitted: Fitted, config: SubtractC
 
     # --- apply the kernel (§9) ---
     x = rl.x_grown
+    if not xla_options((ny, nx)) and jax.default_backend() == "cpu":
+        # The convolution's input planes wait for the stamp selection: their kernel-independent passes
+        # (padding, mask dilation) then run beside the fit, whose small operations leave a CPU core idle,
+        # instead of beside the selection. Not under the memory-optimised schedule: those planes would then
+        # be held through the fit (4096²: temporaries 443 -> 508 MiB).
+        x = Planes(*lax.optimization_barrier((*x, sel.n_stamps))[:4])
     img_dtype = x.image.dtype
     tx, ty = spatial.separable_terms(
         prep.box, (ny + 2 * h, nx + 2 * h), science.xy0 - h, cfg.spatial_kernel_order, cfg.spatial_model_type
