@@ -8,7 +8,6 @@ on host (numpy, after one `jax.device_get`), once per task call.
 """
 
 import concurrent.futures
-import warnings
 
 import jax
 import numpy as np
@@ -50,16 +49,38 @@ def limiting_magnitude(variance: np.ndarray, good: np.ndarray, sigma_xy, photo_c
 
 def _boxes(planes, cx: np.ndarray, cy: np.ndarray, r: int, fills) -> list[np.ndarray]:
     """(n, 2r + 1, 2r + 1) cut-outs of each (ny, nx) plane centred on integer (cx, cy), its fill beyond the
-    array: only the cut-outs are read (no padded copy of a plane)."""
+    array: only the cut-outs are read (no padded copy of a plane). Boxes inside the array are copied as whole
+    windows (a strided view indexed by their corners); only boxes that cross the edge are gathered pixel by
+    pixel."""
     ny, nx = planes[0].shape
+    side = 2 * r + 1
     off = np.arange(-r, r + 1)
     rows, cols = cy[:, None] + off[None, :], cx[:, None] + off[None, :]
     inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
-    flat = np.clip(rows, 0, ny - 1)[:, :, None] * nx + np.clip(cols, 0, nx - 1)[:, None, :]
-    return [
-        np.where(inside, np.take(p.reshape(-1), flat), np.asarray(f, p.dtype))
-        for p, f in zip(planes, fills, strict=True)
-    ]
+    edge = ~np.all(inside, axis=(1, 2))
+    if ny < side or nx < side:  # no whole window fits: every box is gathered
+        edge[:] = True
+    r0, c0 = np.clip(cy - r, 0, max(ny - side, 0)), np.clip(cx - r, 0, max(nx - side, 0))
+    flat = np.clip(rows[edge], 0, ny - 1)[:, :, None] * nx + np.clip(cols[edge], 0, nx - 1)[:, None, :]
+    out = []
+    for p, f in zip(planes, fills, strict=True):
+        if ny < side or nx < side:
+            box = np.empty((len(cx), side, side), p.dtype)
+        else:
+            box = np.lib.stride_tricks.sliding_window_view(p, (side, side))[r0, c0]
+        box[edge] = np.where(inside[edge], np.take(p.reshape(-1), flat), np.asarray(f, p.dtype))
+        out.append(box)
+    return out
+
+
+def _row_nanmedian(x: np.ndarray) -> np.ndarray:
+    """`np.nanmedian(x, axis=1)` of a 2-d array by one sort (NaN sorts last; NaN for a row without a value):
+    the same numbers, five times faster on the footprint rings."""
+    s = np.sort(x, axis=1)
+    n = np.sum(~np.isnan(x), axis=1)
+    lo = np.take_along_axis(s, np.maximum((n - 1) // 2, 0)[:, None], axis=1)[:, 0]
+    hi = np.take_along_axis(s, np.maximum(n // 2, 0)[:, None], axis=1)[:, 0]
+    return np.where(n > 0, 0.5 * (lo + hi), np.nan)
 
 
 def footprint_figures(
@@ -132,10 +153,9 @@ def footprint_figures(
     sb, vb, db, dvb = (np.where(oka, within(a, ra), np.nan) for a in (sb, vb, db, dvb))
     complete = np.all(np.isfinite(sb[:, disk]) & np.isfinite(db[:, disk]), axis=1)
     complete &= (np.sum(np.isfinite(sb[:, ring]), axis=1) >= 8) & (np.sum(np.isfinite(db[:, ring]), axis=1) >= 8)
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rings of incomplete disks
-        sky_s = np.nanmedian(sb[:, ring], axis=1)
-        sky_d = np.nanmedian(db[:, ring], axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sky_s = _row_nanmedian(sb[:, ring])
+        sky_d = _row_nanmedian(db[:, ring])
         flux = np.sum(sb[:, disk] - sky_s[:, None], axis=1)
         snr = flux / np.sqrt(np.sum(vb[:, disk], axis=1))
         resid = np.sum(np.abs(db[:, disk] - sky_d[:, None]), axis=1)
@@ -168,7 +188,8 @@ def quality_figures(
     Arguments:
         template, science: the inputs; difference: the task's difference.
         sources: the kernel candidates.
-        widths: {"template": (σx, σy) or None, "science": ..., "difference": ...} PSF widths (pixels).
+        widths: {"template": (σx, σy) or None, "science": ..., "difference": ...} PSF widths (pixels); without
+            "difference", the difference PSF's widths are measured here.
         kernel_size: side of the matching kernel (residual stamps are that wide).
         min_snr: S/N above which a source's footprint enters the ratio.
         started: the futures of `start_input_figures`, when the caller started them already.
@@ -182,9 +203,11 @@ def quality_figures(
         if started is None:
             started = start_input_figures(template, science, widths, pool)
         maglims = dict(started)
-        maglims["difference_limiting_magnitude"] = pool.submit(
-            _exposure_limiting_magnitude, difference, widths["difference"]
-        )
+        if "difference" in widths:
+            diff = pool.submit(_exposure_limiting_magnitude, difference, widths["difference"])
+        else:  # the difference PSF's widths (host moments) are measured in the job, beside the footprint figures
+            diff = pool.submit(lambda: _exposure_limiting_magnitude(difference, psf_widths(difference.psf)))
+        maglims["difference_limiting_magnitude"] = diff
         footprints = pool.submit(footprint_figures, science, difference, sources, fwhm, kernel_size // 2, min_snr)
         return {key: future.result() for key, future in maglims.items()} | footprints.result()
 

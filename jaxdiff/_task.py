@@ -26,7 +26,7 @@ from ._kernel import SpatialKernel
 from ._mask import bitmask
 from ._plan import data_facts, facts, plan_from, psf_size_for
 from ._psf import FWHM_PER_SIGMA, as_psf
-from ._quality import check_quality, psf_widths, quality_figures, start_input_figures
+from ._quality import check_quality, quality_figures, start_input_figures
 from ._result import SubtractResult
 from ._sources import Sources
 from ._subtract import core_inputs, restore_wcs, subtract, subtract_staged
@@ -203,11 +203,7 @@ class AlardLuptonSubtract(eqx.Module):
     def _quality(self, template, science, result, sources, found, kernel_size: int, started=None) -> dict:
         """The quality figures of `_quality` (limiting magnitudes, footprint ratio, per-source residuals);
         `started`: the inputs' figures already submitted (`start_input_figures`)."""
-        widths = dict(
-            template=found["template_widths"],
-            science=found["science_widths"],
-            difference=psf_widths(result.difference.psf),
-        )
+        widths = dict(template=found["template_widths"], science=found["science_widths"])
         return quality_figures(
             template,
             science,
