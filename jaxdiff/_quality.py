@@ -57,17 +57,16 @@ def _boxes(planes, cx: np.ndarray, cy: np.ndarray, r: int, fills) -> list[np.nda
     off = np.arange(-r, r + 1)
     rows, cols = cy[:, None] + off[None, :], cx[:, None] + off[None, :]
     inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
-    edge = ~np.all(inside, axis=(1, 2))
-    if ny < side or nx < side:  # no whole window fits: every box is gathered
-        edge[:] = True
-    r0, c0 = np.clip(cy - r, 0, max(ny - side, 0)), np.clip(cx - r, 0, max(nx - side, 0))
+    whole = ny >= side and nx >= side  # a whole window fits in the array (else every box is gathered)
+    edge = ~np.all(inside, axis=(1, 2)) if whole else np.ones(len(cx), bool)
+    r0, c0 = np.clip(cy - r, 0, ny - side), np.clip(cx - r, 0, nx - side)
     flat = np.clip(rows[edge], 0, ny - 1)[:, :, None] * nx + np.clip(cols[edge], 0, nx - 1)[:, None, :]
     out = []
     for p, f in zip(planes, fills, strict=True):
-        if ny < side or nx < side:
-            box = np.empty((len(cx), side, side), p.dtype)
-        else:
+        if whole:
             box = np.lib.stride_tricks.sliding_window_view(p, (side, side))[r0, c0]
+        else:
+            box = np.empty((len(cx), side, side), p.dtype)
         box[edge] = np.where(inside[edge], np.take(p.reshape(-1), flat), np.asarray(f, p.dtype))
         out.append(box)
     return out

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import jaxdiff as jd
-from jaxdiff._quality import limiting_magnitude
+from jaxdiff._quality import _boxes, _row_nanmedian, limiting_magnitude
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +109,32 @@ def test_stamp_statistics_equal_a_direct_loop_also_at_the_edges(pair, result):
         assert stats["residual_mean"][i] == pytest.approx(z.mean(), rel=1e-5, abs=1e-6)
         assert stats["residual_std"][i] == pytest.approx(z.std(ddof=1), rel=1e-5)
     assert n_with_data >= 3
+
+
+@pytest.mark.parametrize("shape, r", [((64, 80), 5), ((9, 40), 6), ((5, 5), 4)])
+def test_boxes_equal_a_pixel_gather_with_fill(shape, r):
+    """Windows inside the array, boxes crossing its edges and arrays smaller than a box all give the cut-outs of a
+    pixel-by-pixel gather that fills beyond the array."""
+    rng = np.random.default_rng(3)
+    ny, nx = shape
+    planes = [rng.normal(size=shape).astype(np.float32), rng.integers(1, 9, shape).astype(np.int32)]
+    cx, cy = rng.integers(-8, nx + 8, 40), rng.integers(-8, ny + 8, 40)
+    off = np.arange(-r, r + 1)
+    for p, fill, box in zip(planes, (np.nan, 0), _boxes(planes, cx, cy, r, (np.nan, 0)), strict=True):
+        assert box.shape == (40, 2 * r + 1, 2 * r + 1)
+        for i in range(40):
+            for a, row in enumerate(cy[i] + off):
+                for b, col in enumerate(cx[i] + off):
+                    want = p[row, col] if 0 <= row < ny and 0 <= col < nx else fill
+                    assert box[i, a, b] == want or (np.isnan(want) and np.isnan(box[i, a, b]))
+
+
+def test_row_nanmedian_is_numpys():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(50, 31))
+    x[rng.random(x.shape) < 0.2] = np.nan
+    x[3] = np.nan  # a row without a value
+    x[7, :2] = np.inf
+    with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):
+        want = np.nanmedian(x, axis=1)
+    np.testing.assert_array_equal(_row_nanmedian(x), want)
