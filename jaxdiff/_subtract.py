@@ -26,6 +26,7 @@ from ._exposure import Exposure
 from ._finalize import decorrelate_arrays, edge_pixels, variance_levels
 from ._fit import FitResult, StampData, fit_kernel
 from ._image_fit import fit_whole_image
+from ._jit import dispatching_jit
 from ._kernel import SpatialKernel
 from ._mask import bitmask, free_bits, plane_bit
 from ._noise import MAX_PIXELS as NOISE_PIXELS
@@ -198,8 +199,8 @@ def _core(template: Exposure, science: Exposure, sources: Sources, config: Subtr
     return core(template, science, sources, config, plan)
 
 
-_jit_core = eqx.filter_jit(_core)
-_jit_core_low_memory = eqx.filter_jit(_core, compiler_options=_LOW_MEMORY)
+_jit_core = dispatching_jit(_core)
+_jit_core_low_memory = dispatching_jit(_core, compiler_options=_LOW_MEMORY)
 
 
 class Planes(NamedTuple):

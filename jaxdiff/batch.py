@@ -23,6 +23,7 @@ from ._config import SubtractConfig
 from ._errors import RESULTS
 from ._exposure import Exposure
 from ._io import read_exposure, write_exposure
+from ._jit import dispatching_jit
 from ._plan import Plan, make_plan, with_slots_for
 from ._result import SubtractResult
 from ._sources import Sources
@@ -87,7 +88,7 @@ def _batched(
     return batched(templates, sciences, sources)
 
 
-_batched_core = eqx.filter_jit(_batched)
+_batched_core = dispatching_jit(_batched)
 
 
 def _run_batch(batch: tuple, config: SubtractConfig, plan: Plan):

@@ -8,7 +8,7 @@ import jaxdiff
 PACKAGE = Path(jaxdiff.__file__).resolve().parent  # the imported package (the installed one in `make test-wheel`)
 
 LAYERS = {
-    1: {"_types", "_errors", "_mask", "_runtime", "_programs"},
+    1: {"_types", "_errors", "_mask", "_runtime", "_programs", "_jit"},
     2: {"spatial", "basis", "stamps", "convolve", "solvers", "decorrelate", "_stats"},
     3: {"_psf", "_exposure", "_sources", "_kernel", "_background", "_config", "_result", "_noise"},
     4: {"_plan", "_subtract", "_fit", "_prepare", "_preconvolve", "_finalize", "_image_fit", "_existing"},
