@@ -105,8 +105,11 @@ def _host_moments_one(f: np.ndarray, mono: np.ndarray, n_iter: int) -> tuple[flo
             with np.errstate(over="ignore", invalid="ignore"):
                 w = f * np.exp(-0.5 * np.einsum("k,kn->n", np.array(coef), mono))
             s, mx, my, mxx, mxy, myy = np.einsum("n,kn->k", w, mono).tolist()
+            state = (cx, cy, wxx, wxy, wyy)
             cx, cy = mx / s, my / s
             wxx, wxy, wyy = 2.0 * (mxx / s - cx * cx), 2.0 * (mxy / s - cx * cy), 2.0 * (myy / s - cy * cy)
+            if (cx, cy, wxx, wxy, wyy) == state:  # a fixed point in floats: the remaining iterations repeat it
+                break
     except ZeroDivisionError:
         return math.nan, math.nan
     ok = math.isfinite(wxx) and math.isfinite(wyy) and wxx > 0 and wyy > 0

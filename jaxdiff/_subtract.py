@@ -72,7 +72,8 @@ def subtract(
     Returns:
         A `SubtractResult` whose `metadata` holds arrays (status code, counts, kernel sum, residual statistics,
         condition number, coverage, variance factors, basis widths, the mode taken). Never raises on data:
-        `status` (a `jd.RESULTS` code) says what failed.
+        `status` (a `jd.RESULTS` code) says what failed. The call returns once the program is dispatched, as JAX
+        functions do: reading a value (or `jax.block_until_ready(result)`) waits for it.
     """
     config = SubtractConfig() if config is None else config
     if sources is None:
