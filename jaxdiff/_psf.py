@@ -34,7 +34,8 @@ def adaptive_moments(image: Kernel, n_iter: int = 40, xp=jnp) -> tuple[Scalar, S
         image: the PSF image, odd-sized and centred; leading axes are a batch of images.
         n_iter: iterations (static); 40 converge to float64 precision for well-sampled PSFs.
         xp: `jax.numpy` (traceable, differentiable) or `numpy`, for concrete images on the host: the same
-            iteration without compiling a program for each PSF size, dtype and batch.
+            iteration in float64 (`_host_adaptive_moments`, which may stop early at a fixed point) without
+            compiling a program for each PSF size, dtype and batch.
 
     Returns:
         (Ixx, Iyy) in pixels² (the batch's shape), NaN when the iteration fails (e.g. an empty image).
@@ -98,18 +99,25 @@ def _host_moments_one(f: np.ndarray, mono: np.ndarray, n_iter: int) -> tuple[flo
     cx = cy = wxy = 0.0
     wxx, wyy = max(sxx / total, 0.25), max(syy / total, 0.25)
     try:
-        for _ in range(n_iter):
-            det = wxx * wyy - wxy * wxy
-            a, b, c = wyy / det, -2.0 * wxy / det, wxx / det  # q = a dx² + b dx dy + c dy², dx = x − cx
-            coef = [a * cx * cx + b * cx * cy + c * cy * cy, -2.0 * a * cx - b * cy, -2.0 * c * cy - b * cx, a, b, c]
-            with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):  # a failed iteration ends in NaN
+            for _ in range(n_iter):
+                det = wxx * wyy - wxy * wxy
+                a, b, c = wyy / det, -2.0 * wxy / det, wxx / det  # q = a dx² + b dx dy + c dy², dx = x − cx
+                coef = [
+                    a * cx * cx + b * cx * cy + c * cy * cy,
+                    -2.0 * a * cx - b * cy,
+                    -2.0 * c * cy - b * cx,
+                    a,
+                    b,
+                    c,
+                ]
                 w = f * np.exp(-0.5 * np.einsum("k,kn->n", np.array(coef), mono))
-            s, mx, my, mxx, mxy, myy = np.einsum("n,kn->k", w, mono).tolist()
-            state = (cx, cy, wxx, wxy, wyy)
-            cx, cy = mx / s, my / s
-            wxx, wxy, wyy = 2.0 * (mxx / s - cx * cx), 2.0 * (mxy / s - cx * cy), 2.0 * (myy / s - cy * cy)
-            if (cx, cy, wxx, wxy, wyy) == state:  # a fixed point in floats: the remaining iterations repeat it
-                break
+                s, mx, my, mxx, mxy, myy = np.einsum("n,kn->k", w, mono).tolist()
+                state = (cx, cy, wxx, wxy, wyy)
+                cx, cy = mx / s, my / s
+                wxx, wxy, wyy = 2.0 * (mxx / s - cx * cx), 2.0 * (mxy / s - cx * cy), 2.0 * (myy / s - cy * cy)
+                if (cx, cy, wxx, wxy, wyy) == state:  # a fixed point in floats: the remaining iterations repeat it
+                    break
     except ZeroDivisionError:
         return math.nan, math.nan
     ok = math.isfinite(wxx) and math.isfinite(wyy) and wxx > 0 and wyy > 0
