@@ -88,20 +88,34 @@ def facts(template: Exposure, science: Exposure, data: bool = True) -> dict:
 def data_facts(template: Exposure, science: Exposure) -> dict:
     """Whether each image has a usable pixel and how many of its pixels have an invalid variance (host).
 
-    Valid data is the common case and is recognised without image-sized temporaries: a variance plane whose
-    minimum is ≥ 0 and maximum finite (a NaN makes both NaN) has no invalid value, and the search for a usable
-    pixel stops at the first block of rows that holds one. Only other data pays the full pixel-wise count.
+    Valid data is the common case and is recognised in one pass without image-sized temporaries
+    (`_all_valid_variance`), and the search for a usable pixel stops at the first block of rows that holds one.
+    Only other data pays the full pixel-wise count.
     """
     res = {}
     for name, e in (("template", template), ("science", science)):
         image, variance = np.asarray(e.image), np.asarray(e.variance)
         res[f"{name}_usable"] = _any_usable(image, variance)
-        if variance.size and np.min(variance) >= 0 and np.isfinite(np.max(variance)):
+        if _all_valid_variance(variance):
             res[f"{name}_bad_variance"] = 0
         else:
             bad = np.isfinite(image) & ~(np.isfinite(variance) & (variance >= 0))  # finite pixel, invalid variance
             res[f"{name}_bad_variance"] = int(np.count_nonzero(bad))
     return res
+
+
+def _all_valid_variance(variance: np.ndarray) -> bool:
+    """True when every variance is finite and ≥ 0 (False may still be valid data: the caller counts then).
+
+    A non-negative float is finite exactly when its bits, read as an unsigned integer, are below those of +inf
+    (NaN and −inf lie above, and so does −0.0, which the count then accepts): one maximum over the plane,
+    instead of a minimum and a maximum."""
+    if not variance.size:
+        return False
+    if variance.dtype.kind == "f" and variance.dtype.itemsize in (2, 4, 8):
+        unsigned = np.dtype(variance.dtype.str.replace("f", "u"))  # same width and byte order
+        return bool(np.max(variance.view(unsigned)) < np.array(np.inf, variance.dtype).view(unsigned))
+    return bool(np.min(variance) >= 0 and np.isfinite(np.max(variance)))
 
 
 def _any_usable(image: np.ndarray, variance: np.ndarray, rows: int = 64) -> bool:

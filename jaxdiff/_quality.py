@@ -7,8 +7,6 @@ difference to the science image in source footprints, raising `BadSubtractionErr
 on host (numpy, after one `jax.device_get`), once per task call.
 """
 
-import concurrent.futures
-
 import jax
 import numpy as np
 
@@ -17,6 +15,7 @@ from ._errors import BadSubtractionError
 from ._exposure import Exposure
 from ._mask import bitmask
 from ._psf import FWHM_PER_SIGMA, Psf, host_sigma_xy
+from ._runtime import helper_pool
 from ._sources import Sources
 from ._stats import grid_stride
 
@@ -201,8 +200,7 @@ def quality_figures(
     # threads of them spend their time waiting for each other's GIL hand-overs; only the inputs' figures, started
     # beside the subtraction, use a pool
     if started is None:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-            started = start_input_figures(template, science, widths, pool)
+        started = start_input_figures(template, science, widths, helper_pool())
     diff_widths = widths["difference"] if "difference" in widths else psf_widths(difference.psf)
     figures = {key: future.result() for key, future in started.items()}
     figures["difference_limiting_magnitude"] = _exposure_limiting_magnitude(difference, diff_widths)

@@ -19,11 +19,14 @@ never by the pure functions.
   per process, beyond which LLVM's next compilation aborts the process. When a compilation leaves the process
   above `MAP_FRACTION` of the limit, the next entry point call clears JAX's in-memory caches (compiled
   programs come back from the persistent cache when they are called again).
+- **One pool of helper threads.** The task's host work beside XLA (the inputs' figures) runs on two threads kept
+  for the life of the process: a pool made and shut down per call lets its threads exit just after the program
+  finishes, and their exit stalled the task's main thread for about 6 ms per call.
 """
 
+import concurrent.futures
 import contextlib
 import ctypes
-import functools
 import gc
 import os
 import sys
@@ -47,6 +50,8 @@ _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 MAP_FRACTION = 0.5
 _entered = False
 _near_map_limit = False
+_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+_blas: tuple[int, object] | None = None
 
 
 def cache_dir() -> Path | None:
@@ -139,12 +144,24 @@ def free_compiled_programs() -> None:
     release_free_memory()
 
 
-@functools.cache
+def helper_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's two helper threads for host work beside XLA (made on first use, and again in a forked
+    child, where the parent's threads do not exist)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="jaxdiff"))
+    return _pool[1]
+
+
 def _blas_controller():
-    """The BLAS libraries loaded in this process, found once: a fresh `threadpool_limits` scans every loaded
-    library (2-25 ms per task call while XLA keeps the cores busy), a kept controller sets the limit in
-    microseconds. numpy's OpenBLAS, the one jaxlib's LAPACK calls run on, is loaded before jaxdiff is."""
-    return ThreadpoolController().select(user_api="blas")
+    """The BLAS libraries loaded in this process, found again only after new modules were imported (an import is
+    how another BLAS gets loaded, e.g. scipy's): a fresh `threadpool_limits` scans every loaded library (2-25 ms
+    per task call while XLA keeps the cores busy), a kept controller sets the limit in microseconds. numpy's
+    OpenBLAS, the one jaxlib's LAPACK calls run on, is loaded before jaxdiff is."""
+    global _blas
+    if _blas is None or _blas[0] != len(sys.modules):
+        _blas = (len(sys.modules), ThreadpoolController().select(user_api="blas"))
+    return _blas[1]
 
 
 @contextlib.contextmanager

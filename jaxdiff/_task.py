@@ -1,6 +1,5 @@
 """`AlardLuptonSubtract`: the imperative shell around `jd.subtract` (checks, errors, timing, metadata)."""
 
-import concurrent.futures
 import dataclasses
 import time
 import warnings
@@ -267,43 +266,39 @@ class AlardLuptonSubtract(eqx.Module):
         # Host work that needs no result runs while XLA computes: the usable-pixel and variance checks (given
         # sources; detection needs them first) and the inputs' limiting magnitudes.
         deferred = sources is not None
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-        try:
-            with jax.enable_x64(True), runtime.single_threaded_blas():
-                psf_size, t_in, s_in, found = _checked_inputs(template, science, cfg, defer_data_checks=deferred)
-                coverage = found["coverage"]
-                if sources is None:
-                    sources = _kernel_candidates(s_in, cfg)
-                n_valid = sources.n_valid
-                widths = ([found["template_widths"]], [found["science_widths"]])
-                plan = plan_from(science.shape, len(sources), cfg, widths, psf_size)
-                if n_valid == 0 and plan.fit_region == "stamps":
-                    if deferred:
-                        _check_data(data_facts(t_in, s_in))
-                    raise _fit_failure(InsufficientKernelSourcesError(0, cfg.min_kernel_sources), coverage, cfg)
-                timing["checks"] = time.perf_counter() - t0
-                src = sources.padded(plan.capacity)
-                t1 = time.perf_counter()
-                if self.staged:
-                    result, stage_times = subtract_staged(t_in, s_in, src, cfg, plan, time.perf_counter)
-                    timing.update(stage_times)
-                else:
-                    result = subtract(t_in, s_in, src, cfg, plan)  # dispatched: XLA runs it while the host goes on
-                input_widths = dict(template=found["template_widths"], science=found["science_widths"])
-                started = start_input_figures(template, science, input_widths, pool)
+        with jax.enable_x64(True), runtime.single_threaded_blas():
+            psf_size, t_in, s_in, found = _checked_inputs(template, science, cfg, defer_data_checks=deferred)
+            coverage = found["coverage"]
+            if sources is None:
+                sources = _kernel_candidates(s_in, cfg)
+            n_valid = sources.n_valid
+            widths = ([found["template_widths"]], [found["science_widths"]])
+            plan = plan_from(science.shape, len(sources), cfg, widths, psf_size)
+            if n_valid == 0 and plan.fit_region == "stamps":
                 if deferred:
-                    try:
-                        _check_data(data_facts(t_in, s_in))
-                    except ValueError:
-                        jax.block_until_ready(result)  # leave no computation running behind the error
-                        raise
-                result = jax.block_until_ready(result)
-                if not self.staged:
-                    timing["subtract"] = time.perf_counter() - t1
-                result = restore_wcs(result, science.wcs)
-                md = {k: _plain(v) for k, v in jax.device_get(result.metadata).items()}
-        finally:
-            pool.shutdown(wait=False)
+                    _check_data(data_facts(t_in, s_in))
+                raise _fit_failure(InsufficientKernelSourcesError(0, cfg.min_kernel_sources), coverage, cfg)
+            timing["checks"] = time.perf_counter() - t0
+            src = sources.padded(plan.capacity)
+            t1 = time.perf_counter()
+            if self.staged:
+                result, stage_times = subtract_staged(t_in, s_in, src, cfg, plan, time.perf_counter)
+                timing.update(stage_times)
+            else:
+                result = subtract(t_in, s_in, src, cfg, plan)  # dispatched: XLA runs it while the host goes on
+            input_widths = dict(template=found["template_widths"], science=found["science_widths"])
+            started = start_input_figures(template, science, input_widths, runtime.helper_pool())
+            if deferred:
+                try:
+                    _check_data(data_facts(t_in, s_in))
+                except ValueError:
+                    jax.block_until_ready(result)  # leave no computation running behind the error
+                    raise
+            result = jax.block_until_ready(result)
+            if not self.staged:
+                timing["subtract"] = time.perf_counter() - t1
+            result = restore_wcs(result, science.wcs)
+            md = {k: _plain(v) for k, v in jax.device_get(result.metadata).items()}
         status = RESULTS(int(md["status"]))
         if status == RESULTS.insufficient_sources:
             err = InsufficientKernelSourcesError(md["n_stamps"], cfg.min_kernel_sources)
@@ -319,7 +314,6 @@ class AlardLuptonSubtract(eqx.Module):
             )
         if plan.fit_region == "stamps":
             _warn_reduced_orders(md, cfg)
-        timing["total"] = time.perf_counter() - t0
         mode = "convolveTemplate" if md.pop("convolves_template") else "convolveScience"
         metadata = dict(md)
         metadata.update(
@@ -339,6 +333,7 @@ class AlardLuptonSubtract(eqx.Module):
         with jax.enable_x64(True), runtime.single_threaded_blas():
             metadata.update(self._quality(template, science, result, sources, found, plan.k, started))
         timing["quality"] = time.perf_counter() - t_quality
+        timing["total"] = time.perf_counter() - t0
         metadata.update({f"timing.{k}": v for k, v in timing.items()})
         check_quality(metadata, cfg)
         return _caller_precision(dataclasses.replace(result, metadata=metadata))

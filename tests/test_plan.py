@@ -243,6 +243,45 @@ def test_blas_limit_holds_inside_the_block_and_is_restored_after():
     assert blas_threads() == before
 
 
+def test_blas_libraries_are_found_again_after_an_import(monkeypatch):
+    """A BLAS loaded after the first task call (by an import, e.g. scipy's) is limited too: the kept controller
+    is replaced when the set of imported modules grew, and kept otherwise."""
+    pytest.importorskip("threadpoolctl")
+    import sys
+    import types
+
+    from jaxdiff import _runtime
+
+    first = _runtime._blas_controller()
+    assert _runtime._blas_controller() is first
+    monkeypatch.setitem(sys.modules, "jaxdiff_test_new_module", types.ModuleType("jaxdiff_test_new_module"))
+    again = _runtime._blas_controller()
+    assert again is not first
+    assert _runtime._blas_controller() is again
+
+
+def test_helper_threads_are_kept_and_made_again_in_a_forked_child(monkeypatch):
+    """The task's host work beside XLA runs on one pool per process: the same threads on every call (a pool per
+    call let its threads exit just after the program and stalled the task), a new pool in a forked child."""
+    import os
+    import threading
+
+    from jaxdiff import _runtime
+
+    pool = _runtime.helper_pool()
+    assert pool.submit(lambda: 7).result() == 7
+    assert _runtime.helper_pool() is pool
+    names = {t.name for t in threading.enumerate()}
+    for _ in range(20):
+        _runtime.helper_pool().submit(sum, [1, 2]).result()
+    assert len({t.name for t in threading.enumerate()} - names) <= 1  # at most its second worker, once
+    monkeypatch.setattr(_runtime, "_pool", _runtime._pool)  # this process's pool comes back after the test
+    monkeypatch.setattr(os, "getpid", lambda: -1)
+    child = _runtime.helper_pool()
+    assert child is not pool
+    child.shutdown()
+
+
 @pytest.mark.parametrize("nodata", [0.1, 0.0])
 @pytest.mark.parametrize(
     ("dx", "dy", "shape"),
@@ -278,7 +317,9 @@ def test_host_coverage_equals_the_traced_one(dx, dy, shape, nodata):
     assert float(host) == pytest.approx(expected, abs=1e-6)
 
 
-@pytest.mark.parametrize("case", ["clean", "nan", "negative", "inf", "nan image", "none usable", "last row"])
+@pytest.mark.parametrize(
+    "case", ["clean", "nan", "negative", "inf", "-inf", "negative zero", "nan image", "none usable", "last row"]
+)
 def test_data_facts_equal_the_pixelwise_definition(case):
     """The task's host checks (fast paths for valid data) count what the pixel-wise definitions count."""
     from jaxdiff._plan import data_facts
@@ -287,8 +328,8 @@ def test_data_facts_equal_the_pixelwise_definition(case):
     image = rng.normal(size=(150, 40)).astype(np.float32)
     variance = rng.uniform(0.5, 2.0, size=image.shape).astype(np.float32)
     bad = rng.uniform(size=image.shape) < 0.01
-    if case in ("nan", "negative", "inf"):
-        variance[bad] = {"nan": np.nan, "negative": -1.0, "inf": np.inf}[case]
+    if case in ("nan", "negative", "inf", "-inf", "negative zero"):
+        variance[bad] = {"nan": np.nan, "negative": -1.0, "inf": np.inf, "-inf": -np.inf, "negative zero": -0.0}[case]
     elif case == "nan image":
         image[bad], variance[bad] = np.nan, np.nan
     elif case == "none usable":
@@ -304,7 +345,29 @@ def test_data_facts_equal_the_pixelwise_definition(case):
         assert found[f"{name}_usable"] is usable
         assert found[f"{name}_bad_variance"] == invalid
     assert usable == (case != "none usable")
-    assert (invalid > 0) == (case in ("nan", "negative", "inf"))
+    assert (invalid > 0) == (case in ("nan", "negative", "inf", "-inf"))
+
+
+@pytest.mark.parametrize("dtype", ["<f2", "<f4", ">f4", "<f8", ">f8", "<i4"])
+def test_one_pass_variance_check_never_passes_an_invalid_plane(dtype):
+    """`_all_valid_variance` (one maximum over the bits) says True exactly for planes that are finite and ≥ 0,
+    except −0.0, a valid value it leaves to the exact count; FITS planes arrive big-endian."""
+    from jaxdiff._plan import _all_valid_variance
+
+    values = [0.0, 1.0, 7.5, -0.0, -1.0, np.nan, np.inf, -np.inf]
+    if dtype[1] == "f":
+        values += [float(np.finfo(dtype).max), float(np.finfo(dtype).tiny) / 2]
+    else:
+        values = [v for v in values if np.isfinite(v)]
+    for v in values:
+        plane = np.full((6, 5), 2.0).astype(dtype)
+        with np.errstate(invalid="ignore"):
+            plane[3, 2] = v
+        valid = bool(np.all(np.isfinite(plane) & (plane >= 0)))
+        fast = _all_valid_variance(plane)
+        assert fast == (valid and not np.signbit(plane[3, 2])), (dtype, v)
+        assert _all_valid_variance(plane[:, ::2]) == _all_valid_variance(np.ascontiguousarray(plane[:, ::2]))
+    assert not _all_valid_variance(np.zeros((0, 3), dtype))
 
 
 def test_entry_points_drop_compiled_programs_near_the_map_limit(monkeypatch):
