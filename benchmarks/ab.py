@@ -7,11 +7,13 @@
 
 On a shared or busy machine the same warm call varies by ±20 % between processes, which hides changes of a few
 per cent. Here both versions run in one process on the benchmark pair of `run.py`: their calls alternate (A B,
-then B A, ...), so both meet the same conditions. Each version's `jaxdiff/` is taken from git (`git archive`;
-the candidate may also be the working tree) and imported under its own package name, which works because the
-package imports itself only relatively. The pair is simulated once with the installed jaxdiff and rebuilt from
-its arrays with each version's classes. jd.subtract runs with x64 enabled, as the task does. Prints medians,
-first quartiles and minima, and writes JSON to `benchmarks/results/ab-<time>.json`.
+then B A, ...), so both meet the same conditions. With `--block N` they alternate in blocks of N calls, so each
+version is mostly timed after its own calls, as in a process that runs only it (the task's host work is slower
+right after a `jd.subtract` call). Each version's `jaxdiff/` is taken from git (`git archive`; the candidate may
+also be the working tree) and imported under its own package name, which works because the package imports
+itself only relatively. The pair is simulated once with the installed jaxdiff and rebuilt from its arrays with
+each version's classes. jd.subtract runs with x64 enabled, as the task does. Prints medians, first quartiles and
+minima, and writes JSON to `benchmarks/results/ab-<time>.json`.
 """
 
 import argparse
@@ -83,6 +85,13 @@ def main(argv=None) -> int:
     p.add_argument("--api-b", choices=("subtract", "task"), default=None, help="version B's API (default: --api)")
     p.add_argument("--seed", type=int, default=1, help="of the pair (run.py's default)")
     p.add_argument("--n-stars", type=int, default=None, help=f"stars in the pair (run.py's {bench.SIM['n_stars']})")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=1,
+        help="consecutive calls of one version before switching (default 1: A B B A ...); a block of a few calls "
+        "measures each version after its own calls, as a process running only it would",
+    )
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
     api_b = args.api_b or args.api
@@ -106,12 +115,14 @@ def main(argv=None) -> int:
             print(f"[ab] {labels[name]}: first call {time.perf_counter() - t0:.1f} s", flush=True)
             calls[name]()
         times = {name: [] for name in calls}
-        for i in range(args.calls):
+        block = max(1, args.block)
+        for i in range(-(-args.calls // block)):
             order = list(calls) if i % 2 == 0 else list(reversed(calls))
             for name in order:
-                t0 = time.perf_counter()
-                calls[name]()
-                times[name].append(time.perf_counter() - t0)
+                for _ in range(min(block, args.calls - i * block)):
+                    t0 = time.perf_counter()
+                    calls[name]()
+                    times[name].append(time.perf_counter() - t0)
 
     summary = {}
     for name, ts in times.items():
@@ -119,7 +130,8 @@ def main(argv=None) -> int:
         summary[labels[name]] = {"median_s": statistics.median(ts), "q25_s": ts[len(ts) // 4], "min_s": ts[0]}
     a, b = (summary[labels[n]] for n in labels)
     api_text = args.api if api_b == args.api else f"A {args.api}, B {api_b}"
-    print(f"{args.size}², {api_text}, {args.calls} alternating warm calls each")
+    how = "alternating" if args.block <= 1 else f"alternating in blocks of {args.block}"
+    print(f"{args.size}², {api_text}, {args.calls} warm calls each, {how}")
     for rev, s in summary.items():
         print(f"  {rev:<20} median {s['median_s']:.3f} s   q25 {s['q25_s']:.3f} s   min {s['min_s']:.3f} s")
     print(f"  B / A: median {b['median_s'] / a['median_s']:.3f}, q25 {b['q25_s'] / a['q25_s']:.3f}")
@@ -130,6 +142,7 @@ def main(argv=None) -> int:
         "api": args.api,
         "api_b": api_b,
         "calls": args.calls,
+        "block": args.block,
         "base": args.base,
         "candidate": args.candidate,
         "summary": summary,

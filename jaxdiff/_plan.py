@@ -32,6 +32,7 @@ from ._exposure import Exposure
 from ._image_fit import resolve_fit_region
 from ._mask import bitmask
 from ._psf import GaussianPsf, GridPsf, ImagePsf, Psf, host_sigma_xy
+from ._runtime import helper_pool
 from ._sources import Sources, capacity_for
 from ._stats import usable
 from ._types import is_concrete
@@ -74,6 +75,8 @@ def facts(template: Exposure, science: Exposure, data: bool = True) -> dict:
     and with `data` those of `data_facts`.
     """
     t_psf, s_psf = template.psf, science.psf
+    # the coverage count (a pass over both masks, without the GIL) runs on a helper thread beside the widths
+    covered = helper_pool().submit(coverage, template, science, np)
     res = {}
     if t_psf is not None or s_psf is not None:
         wt, ws = (_widths(p, False) for p in (t_psf, s_psf))
@@ -81,7 +84,7 @@ def facts(template: Exposure, science: Exposure, data: bool = True) -> dict:
             res[f"{name}_widths"] = _checked_widths(w, psf, name)[0]
     else:
         res.update(template_widths=None, science_widths=None)
-    res["coverage"] = float(coverage(template, science, np))
+    res["coverage"] = float(covered.result())
     return res | data_facts(template, science) if data else res
 
 

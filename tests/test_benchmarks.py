@@ -83,8 +83,8 @@ def test_ab_compares_two_revisions_in_one_process(tmp_path):
         pytest.skip("not a git checkout")
     out = tmp_path / "ab.json"
     proc = subprocess.run(
-        [sys.executable, str(RUN.parent / "ab.py"), "--base", "HEAD", "--size", "256", "--calls", "2"]
-        + ["--output", str(out)],
+        [sys.executable, str(RUN.parent / "ab.py"), "--base", "HEAD", "--size", "256", "--calls", "3"]
+        + ["--block", "2", "--output", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -93,5 +93,6 @@ def test_ab_compares_two_revisions_in_one_process(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["summary"]) == {"HEAD", "WORKTREE"}
     for times in report["times_s"].values():
-        assert len(times) == 2 and all(math.isfinite(t) and t > 0 for t in times)
+        assert len(times) == 3 and all(math.isfinite(t) and t > 0 for t in times)  # blocks of 2, then 1
+    assert report["block"] == 2
     assert "B / A" in proc.stdout
