@@ -33,6 +33,11 @@ def psf_widths(psf: Psf | None):
     return (float(w[0]), float(w[1])) if np.all(np.isfinite(w)) else None
 
 
+def psf_fwhm(widths) -> float | None:
+    """FWHM (pixels) of the Gaussian-equivalent width √((σx² + σy²)/2) of widths (σx, σy), or None without them."""
+    return None if widths is None else FWHM_PER_SIGMA * float(np.sqrt(0.5 * (widths[0] ** 2 + widths[1] ** 2)))
+
+
 def limiting_magnitude(variance: np.ndarray, good: np.ndarray, sigma_xy, photo_calib: float) -> float | None:
     """AB magnitude of a 5σ point source: zp − 2.5 log10(5 √(A · median V)), A = 4π σx σy the PSF's noise-
     equivalent area and zp = 31.4 − 2.5 log10(photo_calib) (photo_calib in nJy per count; ip_diffim's
@@ -194,8 +199,8 @@ def quality_figures(
         started: the futures of `start_input_figures`, when the caller started them already.
     """
 
-    ws = widths["science"]
-    fwhm = 2.0 * FWHM_PER_SIGMA if ws is None else FWHM_PER_SIGMA * float(np.sqrt(0.5 * (ws[0] ** 2 + ws[1] ** 2)))
+    # footprints of a σ = 2 px PSF when the science image has none
+    fwhm = 2.0 * FWHM_PER_SIGMA if widths["science"] is None else psf_fwhm(widths["science"])
     # the difference's figures run in this thread, one after the other: they are many small numpy calls, and two
     # threads of them spend their time waiting for each other's GIL hand-overs; only the inputs' figures, started
     # beside the subtraction, use a pool

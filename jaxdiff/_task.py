@@ -24,8 +24,8 @@ from ._finalize import finalize as _finalize
 from ._kernel import SpatialKernel
 from ._mask import bitmask
 from ._plan import data_facts, facts, plan_from, psf_size_for
-from ._psf import FWHM_PER_SIGMA, as_psf
-from ._quality import check_quality, quality_figures, start_input_figures
+from ._psf import as_psf
+from ._quality import check_quality, psf_fwhm, quality_figures, start_input_figures
 from ._result import SubtractResult
 from ._sources import Sources
 from ._subtract import core_inputs, restore_wcs, subtract, subtract_staged
@@ -190,7 +190,7 @@ class AlardLuptonSubtract(eqx.Module):
             md.pop("basis_mode_code")
             md.update(mode=mode, fit_region="existing_kernel", kernel_size=kernel.size)
             md.update(
-                template_psf_fwhm=_fwhm(found["template_widths"]), science_psf_fwhm=_fwhm(found["science_widths"])
+                template_psf_fwhm=psf_fwhm(found["template_widths"]), science_psf_fwhm=psf_fwhm(found["science_widths"])
             )
             if sources is None:
                 sources = _kernel_candidates(s_in, cfg)
@@ -326,8 +326,8 @@ class AlardLuptonSubtract(eqx.Module):
             basis_sigmas=list(metadata["basis_sigmas"]) if cfg.kernel_basis == "alard-lupton" else [],
             basis_degrees=list(cfg.al_deg_gauss) if cfg.kernel_basis == "alard-lupton" else [],
             template_coverage=coverage,
-            template_psf_fwhm=_fwhm(found["template_widths"]),
-            science_psf_fwhm=_fwhm(found["science_widths"]),
+            template_psf_fwhm=psf_fwhm(found["template_widths"]),
+            science_psf_fwhm=psf_fwhm(found["science_widths"]),
         )
         t_quality = time.perf_counter()
         with jax.enable_x64(True), runtime.single_threaded_blas():
@@ -406,11 +406,6 @@ def _plain(value):
     """A metadata value as a Python scalar, or a list for an array."""
     arr = np.asarray(value)
     return arr.item() if arr.ndim == 0 else arr.tolist()
-
-
-def _fwhm(widths) -> float | None:
-    """FWHM (pixels) from (σx, σy), or None."""
-    return None if widths is None else FWHM_PER_SIGMA * float(np.sqrt(0.5 * (widths[0] ** 2 + widths[1] ** 2)))
 
 
 def _caller_precision(tree):
