@@ -7,6 +7,8 @@ difference to the science image in source footprints, raising `BadSubtractionErr
 on host (numpy, after one `jax.device_get`), once per task call.
 """
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 
@@ -22,6 +24,7 @@ from ._stats import grid_stride
 _AB_NJY = 31.4  # AB magnitude of 1 nJy
 _NSIGMA = 5.0  # limiting magnitudes are for 5σ point sources, as ip_diffim's
 _MAGLIM_SAMPLES = 2**16  # pixels whose median variance sets a limiting magnitude
+_BOXES = "science_boxes"  # the key of the science cut-outs among the started figures
 _EXCLUDED = ("NO_DATA", "BAD", "SAT", "SAT_TEMPLATE", "EDGE", "CR", "INTRP")  # pixels kept out of the figures
 
 
@@ -86,33 +89,23 @@ def _row_nanmedian(x: np.ndarray) -> np.ndarray:
     return np.where(n > 0, 0.5 * (lo + hi), np.nan)
 
 
-def footprint_figures(
-    science: Exposure, difference: Exposure, sources: Sources, fwhm: float, half: int, min_snr: float = 10.0
-) -> dict:
-    """Per-source statistics on the difference, and ip_diffim's difference-to-science footprint ratio.
+class ScienceBoxes(NamedTuple):
+    """The science side of the footprint figures: the sources inside the box and cut-outs around them."""
 
-    Arguments:
-        science, difference: exposures on the science box (host arrays are read once).
-        sources: the kernel candidates (valid entries inside the box are used).
-        fwhm: science PSF FWHM (pixels); footprints are disks of radius max(2, 2·FWHM).
-        half: half side of the square stamp whose residual statistics are reported (the kernel's half size).
-        min_snr: footprints enter the ratio when the source's S/N in them exceeds this.
+    x: np.ndarray  # parent positions of the sources used
+    y: np.ndarray
+    cx: np.ndarray  # their nearest pixels, array coordinates
+    cy: np.ndarray
+    r: int  # footprint radius (pixels)
+    big: int  # half side of the cut-outs
+    image: np.ndarray  # (n, 2·big + 1, 2·big + 1) science image and variance around the sources (NaN beyond)
+    variance: np.ndarray
 
-    Returns:
-        A dict: `difference_footprint_ratio_mean` and `_stdev` ((Σ|D − level| − noise floor) / Σ(S − sky) over
-        each footprint free of excluded pixels whose source has S/N > `min_snr`; levels are medians of a 3-pixel
-        annulus, the noise floor is √(2/π) Σ √V_D, the expected Σ|D| of pure noise, as in ip_diffim's
-        `computeDifferenceImageMetrics`; None when no footprint qualifies), `n_footprints`, and
-        `stamp_statistics`, a dict of lists (`x`, `y`, `residual_mean`, `residual_std`, `n_pixels`) of
-        D/√variance over each source's
-        (2·half + 1)² stamp (good pixels only).
-    """
-    s_img, s_var, d_img, d_var, d_mask = (
-        np.asarray(a)
-        for a in jax.device_get(
-            (science.image, science.variance, difference.image, difference.variance, difference.mask)
-        )
-    )
+
+def science_boxes(science: Exposure, sources: Sources, fwhm: float, half: int) -> ScienceBoxes:
+    """The valid sources inside the science box, and the science image and variance cut out around them (see
+    `footprint_figures` for the arguments): everything the footprint figures read from the science image."""
+    s_img, s_var = (np.asarray(a) for a in jax.device_get((science.image, science.variance)))
     x0, y0 = (int(v) for v in np.asarray(science.xy0))
     valid = np.asarray(sources.valid, bool) if len(sources) else np.zeros(0, bool)
     x = np.asarray(sources.x, np.float64)[valid]
@@ -124,9 +117,46 @@ def footprint_figures(
     x, y, cx, cy = x[inside], y[inside], cx[inside], cy[inside]
     # everything below is per source: the planes are only read in (2R + 1)² cut-outs around the sources
     r = max(2, int(round(2 * fwhm)))  # footprints: disks of radius 2·FWHM, sky from a 3-pixel annulus beyond
+    big = max(half, r + 3)
+    sb, vb = _boxes((s_img, s_var), cx, cy, big, (np.nan, np.nan))
+    return ScienceBoxes(x, y, cx, cy, r, big, sb, vb)
+
+
+def footprint_figures(
+    science: Exposure,
+    difference: Exposure,
+    sources: Sources,
+    fwhm: float,
+    half: int,
+    min_snr: float = 10.0,
+    boxes: "ScienceBoxes | None" = None,
+) -> dict:
+    """Per-source statistics on the difference, and ip_diffim's difference-to-science footprint ratio.
+
+    Arguments:
+        science, difference: exposures on the science box (host arrays are read once).
+        sources: the kernel candidates (valid entries inside the box are used).
+        fwhm: science PSF FWHM (pixels); footprints are disks of radius max(2, 2·FWHM).
+        half: half side of the square stamp whose residual statistics are reported (the kernel's half size).
+        min_snr: footprints enter the ratio when the source's S/N in them exceeds this.
+        boxes: `science_boxes(science, sources, fwhm, half)`, when the caller cut them already (the task does
+            while XLA runs: they need no difference).
+
+    Returns:
+        A dict: `difference_footprint_ratio_mean` and `_stdev` ((Σ|D − level| − noise floor) / Σ(S − sky) over
+        each footprint free of excluded pixels whose source has S/N > `min_snr`; levels are medians of a 3-pixel
+        annulus, the noise floor is √(2/π) Σ √V_D, the expected Σ|D| of pure noise, as in ip_diffim's
+        `computeDifferenceImageMetrics`; None when no footprint qualifies), `n_footprints`, and
+        `stamp_statistics`, a dict of lists (`x`, `y`, `residual_mean`, `residual_std`, `n_pixels`) of
+        D/√variance over each source's
+        (2·half + 1)² stamp (good pixels only).
+    """
+    if boxes is None:
+        boxes = science_boxes(science, sources, fwhm, half)
+    x, y, r, big, sb, vb = boxes.x, boxes.y, boxes.r, boxes.big, boxes.image, boxes.variance
+    d_planes = tuple(np.asarray(a) for a in jax.device_get((difference.image, difference.variance, difference.mask)))
+    db, dvb, mb = _boxes(d_planes, boxes.cx, boxes.cy, big, (np.nan, np.nan, 0))
     ra = r + 3
-    big = max(half, ra)
-    sb, vb, db, dvb, mb = _boxes((s_img, s_var, d_img, d_var, d_mask), cx, cy, big, (np.nan,) * 4 + (0,))
     good = (mb & bitmask(difference.mask_planes, _EXCLUDED)) == 0
     ok = np.isfinite(db) & (dvb > 0) & (dvb < np.inf) & np.isfinite(sb) & good
 
@@ -196,29 +226,41 @@ def quality_figures(
             "difference", the difference PSF's widths are measured here.
         kernel_size: side of the matching kernel (residual stamps are that wide).
         min_snr: S/N above which a source's footprint enters the ratio.
-        started: the futures of `start_input_figures`, when the caller started them already.
+        started: the futures of `start_input_figures` (called with the same sources and kernel size), when the
+            caller started them already.
     """
-
-    # footprints of a σ = 2 px PSF when the science image has none
-    fwhm = 2.0 * FWHM_PER_SIGMA if widths["science"] is None else psf_fwhm(widths["science"])
     # the difference's figures run in this thread, one after the other: they are many small numpy calls, and two
     # threads of them spend their time waiting for each other's GIL hand-overs; only the inputs' figures, started
     # beside the subtraction, use a pool
     if started is None:
-        started = start_input_figures(template, science, widths, helper_pool())
+        started = start_input_figures(template, science, widths, helper_pool(), sources, kernel_size)
+    started = dict(started)
+    boxes = started.pop(_BOXES).result() if _BOXES in started else None
     diff_widths = widths["difference"] if "difference" in widths else psf_widths(difference.psf)
     figures = {key: future.result() for key, future in started.items()}
     figures["difference_limiting_magnitude"] = _exposure_limiting_magnitude(difference, diff_widths)
-    return figures | footprint_figures(science, difference, sources, fwhm, kernel_size // 2, min_snr)
+    fwhm = _footprint_fwhm(widths)
+    return figures | footprint_figures(science, difference, sources, fwhm, kernel_size // 2, min_snr, boxes)
 
 
-def start_input_figures(template: Exposure, science: Exposure, widths, pool) -> dict:
-    """The figures of the inputs alone (their limiting magnitudes), submitted to `pool`: {key: future}. The
-    task starts them while the subtraction runs."""
-    return {
+def start_input_figures(
+    template: Exposure, science: Exposure, widths, pool, sources: Sources | None = None, kernel_size: int = 0
+) -> dict:
+    """The figures of the inputs alone, submitted to `pool`: {key: future}. The task starts them while the
+    subtraction runs: their limiting magnitudes and, given the sources and the kernel size, the science
+    cut-outs of the footprint figures."""
+    started = {
         f"{name}_limiting_magnitude": pool.submit(_exposure_limiting_magnitude, e, widths[name])
         for name, e in (("science", science), ("template", template))
     }
+    if sources is not None:
+        started[_BOXES] = pool.submit(science_boxes, science, sources, _footprint_fwhm(widths), kernel_size // 2)
+    return started
+
+
+def _footprint_fwhm(widths) -> float:
+    """The science PSF's FWHM that sets the footprints; a σ = 2 px PSF's when the science image has none."""
+    return 2.0 * FWHM_PER_SIGMA if widths["science"] is None else psf_fwhm(widths["science"])
 
 
 def _exposure_limiting_magnitude(e: Exposure, sigma_xy) -> float | None:

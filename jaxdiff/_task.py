@@ -287,7 +287,7 @@ class AlardLuptonSubtract(eqx.Module):
             else:
                 result = subtract(t_in, s_in, src, cfg, plan)  # dispatched: XLA runs it while the host goes on
             input_widths = dict(template=found["template_widths"], science=found["science_widths"])
-            started = start_input_figures(template, science, input_widths, runtime.helper_pool())
+            started = start_input_figures(template, science, input_widths, runtime.helper_pool(), sources, plan.k)
             if deferred:
                 try:
                     _check_data(data_facts(t_in, s_in))

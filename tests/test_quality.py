@@ -39,6 +39,25 @@ def test_quality_figures_in_metadata(pair, result):
     assert std.size > 0.8 * n and 0.7 < np.median(std) < 1.5
 
 
+def test_figures_started_beside_the_subtraction_are_the_same(pair, result):
+    """The task cuts the science's footprint boxes and the inputs' magnitudes while XLA runs
+    (`start_input_figures` with the sources): the figures are the same numbers as computed all at the end."""
+    import concurrent.futures
+
+    from jaxdiff._quality import quality_figures, start_input_figures
+
+    widths = {"template": (1.6, 1.6), "science": (2.2, 2.25)}
+    k = int(result.metadata["kernel_size"])
+    args = (pair.template, pair.science, result.difference, pair.sources, widths, k)
+    at_the_end = quality_figures(*args)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        started = start_input_figures(pair.template, pair.science, widths, pool, pair.sources, k)
+        assert "science_boxes" in started
+        beside = quality_figures(*args, started=started)
+    assert beside == at_the_end
+    assert at_the_end["n_footprints"] >= 20
+
+
 def test_limiting_magnitude_needs_a_calibration():
     var, good = np.full((10, 10), 4.0), np.ones((10, 10), bool)
     assert limiting_magnitude(var, good, (2.0, 2.0), 0.0) is None
