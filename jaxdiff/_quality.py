@@ -115,7 +115,7 @@ def science_boxes(science: Exposure, sources: Sources, fwhm: float, half: int) -
     ny, nx = s_img.shape
     inside = (cx >= 0) & (cy >= 0) & (cx < nx) & (cy < ny)
     x, y, cx, cy = x[inside], y[inside], cx[inside], cy[inside]
-    # everything below is per source: the planes are only read in (2R + 1)² cut-outs around the sources
+    # the footprint figures are per source: the planes are only read in (2R + 1)² cut-outs around the sources
     r = max(2, int(round(2 * fwhm)))  # footprints: disks of radius 2·FWHM, sky from a 3-pixel annulus beyond
     big = max(half, r + 3)
     sb, vb = _boxes((s_img, s_var), cx, cy, big, (np.nan, np.nan))
@@ -229,9 +229,10 @@ def quality_figures(
         started: the futures of `start_input_figures` (called with the same sources and kernel size), when the
             caller started them already.
     """
-    # the difference's figures run in this thread, one after the other: they are many small numpy calls, and two
-    # threads of them spend their time waiting for each other's GIL hand-overs; only the inputs' figures, started
-    # beside the subtraction, use a pool
+    # the difference's figures run in this thread, one after the other: right after XLA they read cold planes, and
+    # two threads of them (the footprint figures in halves, or beside the limiting magnitude) were no faster; only
+    # the work that needs no difference (the inputs' magnitudes, the science cut-outs) runs on helper threads,
+    # started beside the subtraction
     if started is None:
         started = start_input_figures(template, science, widths, helper_pool(), sources, kernel_size)
     started = dict(started)

@@ -19,9 +19,11 @@ never by the pure functions.
   per process, beyond which LLVM's next compilation aborts the process. When a compilation leaves the process
   above `MAP_FRACTION` of the limit, the next entry point call clears JAX's in-memory caches (compiled
   programs come back from the persistent cache when they are called again).
-- **One pool of helper threads.** The task's host work beside XLA (the inputs' figures) runs on two threads kept
-  for the life of the process: a pool made and shut down per call lets its threads exit just after the program
-  finishes, and their exit stalled the task's main thread for about 6 ms per call.
+- **One pool of helper threads.** The task's host work beside its own main thread (the inputs' figures and the
+  science cut-outs of the footprint figures while XLA runs, the template coverage while the PSF widths are
+  measured) runs on two threads kept for the life of the process: a pool made and shut down per call let its
+  threads exit just after the program finished, and their exit stalled the task's main thread for about 6 ms per
+  call.
 """
 
 import concurrent.futures

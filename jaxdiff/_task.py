@@ -264,7 +264,8 @@ class AlardLuptonSubtract(eqx.Module):
         timing = {}
         t0 = time.perf_counter()
         # Host work that needs no result runs while XLA computes: the usable-pixel and variance checks (given
-        # sources; detection needs them first) and the inputs' limiting magnitudes.
+        # sources; detection needs them first), the inputs' limiting magnitudes and the science cut-outs of the
+        # footprint figures.
         deferred = sources is not None
         with jax.enable_x64(True), runtime.single_threaded_blas():
             psf_size, t_in, s_in, found = _checked_inputs(template, science, cfg, defer_data_checks=deferred)
